@@ -1,0 +1,193 @@
+"""The ``duplex`` command. Every subcommand is a thin shell over ``agent.app``.
+
+User errors (bad files, devices, config) print one line, ``duplex: error: ...``, and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from streaming.errors import DuplexError
+
+from . import app
+from .config import DuplexConfig, load_config, parse_override
+
+log = logging.getLogger("duplex")
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="user config file (TOML) layered over configs/default.toml")
+    p.add_argument(
+        "--set", dest="overrides", metavar="SECTION.KEY=VALUE", action="append", default=[],
+        help="override one config value, e.g. --set vad.threshold=0.6 (repeatable)",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="log at debug level, with tracebacks")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="duplex", description="Local, real-time, full-duplex spoken dialogue agent.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("listen", help="live voice activity on the microphone (or the bundled recording)")
+    _common(p)
+    p.add_argument("--input", metavar="DEVICE", help="input device index or name (see `duplex devices`)")
+    p.add_argument("--file", metavar="FILE", help="listen to a file in real time instead of a device")
+    p.add_argument("--seconds", type=float, help="stop after this many seconds of microphone audio")
+    p.add_argument("--json", action="store_true", help="one JSON object per event")
+
+    p = sub.add_parser("devices", help="list audio input and output devices")
+    _common(p)
+    p.add_argument("--json", action="store_true", help="JSON array instead of a table")
+
+    p = sub.add_parser("vad", help="print the speech segments of audio files")
+    _common(p)
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("--json", action="store_true", help='one {"file", "segments"} object per line')
+    p.add_argument("--mode", choices=["two-stage", "webrtc", "silero"], help="detector (default: config vad.mode)")
+    p.add_argument("--pace", choices=["fast", "realtime"], default="fast", help="simulated clock (fast) or wall clock")
+
+    p = sub.add_parser("bench", help="benchmarks")
+    bench = p.add_subparsers(dest="bench", metavar="WHAT", required=True)
+    b = bench.add_parser("vad", help="VAD precision/recall, detection delay and cost on a speech manifest")
+    _common(b)
+    b.add_argument("--manifest", required=True, type=Path, metavar="PATH", help="manifest.tsv of the speech data")
+    b.add_argument("--repeat", type=int, default=3, help="runs per detector, for median and p90 cost")
+    b.add_argument("--json-out", type=Path, metavar="FILE", help="also write the results as JSON")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    verbose = getattr(args, "verbose", False)
+    try:
+        overrides = dict(parse_override(o) for o in getattr(args, "overrides", []))
+        cfg = load_config(getattr(args, "config", None), overrides)
+        logging.basicConfig(
+            level=logging.DEBUG if verbose else getattr(logging, cfg.log.level.upper()),
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            stream=sys.stderr,
+        )
+        handler = _COMMANDS[args.command if args.command != "bench" else f"bench-{args.bench}"]
+        return handler(args, cfg) or 0
+    except DuplexError as exc:
+        print(f"duplex: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return 0
+    except Exception as exc:  # a bug: keep it to one line unless asked for the traceback
+        if verbose:
+            raise
+        print(f"duplex: internal error: {type(exc).__name__}: {exc} (run with -v for the traceback)", file=sys.stderr)
+        return 1
+
+
+# --------------------------------------------------------------------------------- commands
+
+
+def cmd_devices(args: argparse.Namespace, cfg: DuplexConfig) -> int:
+    from streaming.audio_device import list_devices
+
+    devices = list_devices()
+    if args.json:
+        print(json.dumps([dataclasses.asdict(d) for d in devices]))
+        return 0
+    if not devices:
+        print("no audio devices found")
+        return 0
+    print(f"{'idx':>3}  {'in':>3} {'out':>3}  {'rate':>6}  {'host API':<12} name")
+    for d in devices:
+        mark = ("<" if d.is_default_input else " ") + (">" if d.is_default_output else " ")
+        print(f"{d.index:>3}{mark}{d.max_input_channels:>3} {d.max_output_channels:>3}  {d.default_samplerate:>6.0f}  {d.hostapi:<12} {d.name}")
+    print("(< default input, > default output)")
+    return 0
+
+
+def cmd_vad(args: argparse.Namespace, cfg: DuplexConfig) -> int:
+    from dataclasses import replace
+
+    from streaming.audio_file import open_audio
+
+    vad_cfg = replace(cfg.vad, mode=args.mode) if args.mode else cfg.vad
+    for f in args.files:  # check every file first: a bad one fails before any work
+        open_audio(f).close()
+    for f in args.files:
+        segments = asyncio.run(app.vad_segments(f, cfg, pace=args.pace, vad=vad_cfg))
+        if args.json:
+            print(json.dumps({"file": f, "segments": [s.as_dict() for s in segments]}), flush=True)
+        else:
+            print(f"{f}: {len(segments)} speech segment(s)")
+            for s in segments:
+                print(f"  {s.start:8.2f} - {s.end:8.2f} s  ({s.end - s.start:.2f} s)")
+    return 0
+
+
+def cmd_listen(args: argparse.Namespace, cfg: DuplexConfig) -> int:
+    from streaming.frames import SpeechEnded, SpeechStarted
+
+    source, what = app.open_listen_source(cfg, args.input, args.file, args.seconds)
+    if not args.json:
+        print(f"listening: {what}", flush=True)
+        print("press Ctrl-C to stop", flush=True)
+    t_start = time.monotonic()
+    count = 0
+
+    def on_event(frame) -> None:
+        nonlocal count
+        if args.json:
+            kind = "speech_started" if isinstance(frame, SpeechStarted) else "speech_ended"
+            obj = {"event": kind, "t": round(frame.pts, 3), "detected_at": round(frame.detected_at, 3)}
+            if isinstance(frame, SpeechEnded):
+                obj["start"] = round(frame.start, 3)
+            print(json.dumps(obj), flush=True)
+        elif isinstance(frame, SpeechStarted):
+            print(f"{frame.pts:8.2f} s  ▶ speech", flush=True)
+        else:
+            count += 1
+            print(f"{frame.pts:8.2f} s  ■ end of speech ({frame.duration:.2f} s)", flush=True)
+
+    try:
+        asyncio.run(app.listen(cfg, source, on_event))
+    except KeyboardInterrupt:
+        pass
+    if not args.json:
+        print(f"done: {count} utterance(s) in {time.monotonic() - t_start:.1f} s")
+    return 0
+
+
+def cmd_bench_vad(args: argparse.Namespace, cfg: DuplexConfig) -> int:
+    from tqdm import tqdm
+
+    from . import bench_vad
+
+    if args.repeat < 1:
+        raise DuplexError("--repeat must be at least 1")
+    with tqdm(total=len(bench_vad.MODES) * args.repeat, desc="bench vad", file=sys.stderr, leave=False) as bar:
+        results = bench_vad.bench(args.manifest, cfg.vad, repeat=args.repeat, progress=lambda *_: bar.update())
+    print(bench_vad.markdown(results))
+    if args.json_out:
+        args.json_out.write_text(json.dumps(results, indent=2))
+        print(f"wrote {args.json_out}")
+    return 0
+
+
+_COMMANDS = {
+    "devices": cmd_devices,
+    "vad": cmd_vad,
+    "listen": cmd_listen,
+    "bench-vad": cmd_bench_vad,
+}
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
