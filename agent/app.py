@@ -78,7 +78,7 @@ def open_listen_source(cfg: DuplexConfig, device: str | None, file: str | None, 
         )
         return mic, f"microphone {mic.device.name} ({mic.device_rate} Hz)"
     except DeviceError as exc:
-        if device is not None or wanted.strip().lower() not in ("", "default"):
+        if device is not None or str(wanted).strip().lower() not in ("", "default"):
             raise
         demo = demo_file(cfg)
         return (

@@ -52,8 +52,9 @@ def load_items(manifest: Path) -> list[Item]:
                 items.append(Item(path, "marked", merge(regions, 0.0)))
             else:
                 words = path.with_suffix(".words.json")
-                if words.exists():
-                    items.append(Item(path, "approx", words_to_regions(words)))
+                regions = words_to_regions(words) if words.exists() else None
+                if regions:
+                    items.append(Item(path, "approx", regions))
     if not items:
         raise DuplexError(f"{manifest} lists no VAD-labelled or non-speech files")
     return items
@@ -69,11 +70,17 @@ def merge(regions: list[tuple[float, float]], gap: float) -> list[tuple[float, f
     return out
 
 
-def words_to_regions(path: Path, gap: float = 0.3) -> list[tuple[float, float]]:
+def words_to_regions(path: Path, gap: float = 0.3) -> list[tuple[float, float]] | None:
+    """Regions from word times, or None where the file has no times (some carry only words)."""
     data = json.loads(path.read_text())
     words = data if isinstance(data, list) else data.get("words", [])
-    spans = [(float(w["start_sec"] if "start_sec" in w else w["start"]), float(w["end_sec"] if "end_sec" in w else w["end"])) for w in words]
-    return merge(spans, gap)
+    spans = []
+    for w in words:
+        start, end = w.get("start_sec", w.get("start")), w.get("end_sec", w.get("end"))
+        if start is None or end is None:
+            return None
+        spans.append((float(start), float(end)))
+    return merge(spans, gap) or None
 
 
 @dataclass
@@ -167,8 +174,7 @@ def _pcts(values: list[float]) -> dict:
     return {"p50": float(np.percentile(v, 50)), "p90": float(np.percentile(v, 90)), "n": len(values)}
 
 
-def bench(manifest: Path, config: VADConfig, repeat: int = 3, progress=None) -> dict:
-    items = load_items(manifest)
+def bench(manifest: Path, items: list[Item], config: VADConfig, repeat: int = 3, progress=None) -> dict:
     audio = [read_audio(i.path) for i in items]
     results: dict = {"manifest": str(manifest), "repeat": repeat, "files": [str(i.path.name) for i in items], "modes": {}}
     for mode in MODES:

@@ -63,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--manifest", required=True, type=Path, metavar="PATH", help="manifest.tsv of the speech data")
     b.add_argument("--repeat", type=int, default=3, help="runs per detector, for median and p90 cost")
     b.add_argument("--json-out", type=Path, metavar="FILE", help="also write the results as JSON")
+    b = bench.add_parser("pipeline", help="frame overhead per stage, VAD cost in the pipeline, idle CPU and memory")
+    _common(b)
+    b.add_argument("--repeat", type=int, default=5, help="runs, for median and p90")
+    b.add_argument("--idle-seconds", type=float, default=10.0, help="real-time silence for the idle measurement")
+    b.add_argument("--json-out", type=Path, metavar="FILE", help="also write the results as JSON")
     return parser
 
 
@@ -173,8 +178,9 @@ def cmd_bench_vad(args: argparse.Namespace, cfg: DuplexConfig) -> int:
 
     if args.repeat < 1:
         raise DuplexError("--repeat must be at least 1")
+    items = bench_vad.load_items(args.manifest)
     with tqdm(total=len(bench_vad.MODES) * args.repeat, desc="bench vad", file=sys.stderr, leave=False) as bar:
-        results = bench_vad.bench(args.manifest, cfg.vad, repeat=args.repeat, progress=lambda *_: bar.update())
+        results = bench_vad.bench(args.manifest, items, cfg.vad, repeat=args.repeat, progress=lambda *_: bar.update())
     print(bench_vad.markdown(results))
     if args.json_out:
         args.json_out.write_text(json.dumps(results, indent=2))
@@ -182,7 +188,21 @@ def cmd_bench_vad(args: argparse.Namespace, cfg: DuplexConfig) -> int:
     return 0
 
 
+def cmd_bench_pipeline(args: argparse.Namespace, cfg: DuplexConfig) -> int:
+    from . import bench_pipeline
+
+    if args.repeat < 1:
+        raise DuplexError("--repeat must be at least 1")
+    results = bench_pipeline.bench(cfg.vad, repeat=args.repeat, idle_seconds=args.idle_seconds)
+    print(bench_pipeline.report(results))
+    if args.json_out:
+        args.json_out.write_text(json.dumps(results, indent=2))
+        print(f"wrote {args.json_out}")
+    return 0
+
+
 _COMMANDS = {
+    "bench-pipeline": cmd_bench_pipeline,
     "devices": cmd_devices,
     "vad": cmd_vad,
     "listen": cmd_listen,

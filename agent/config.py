@@ -30,9 +30,9 @@ class AudioConfig:
     #: audio frame length inside the pipeline, ms
     block_ms: Annotated[float, Field(gt=0, le=1000)] = 20.0
     #: input device: "default", an index, or a name fragment
-    input_device: str = "default"
+    input_device: str | int = "default"
     #: output device: "default", an index, or a name fragment
-    output_device: str = "default"
+    output_device: str | int = "default"
     #: device rate in Hz, 0 for the device default
     device_sample_rate: Annotated[int, Field(ge=0, le=384000)] = 0
     #: file sources: "realtime" or "fast"

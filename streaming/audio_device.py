@@ -85,9 +85,11 @@ def resolve_device(spec: str | int | None, kind: str) -> DeviceInfo:
         return (d.max_input_channels if kind == "input" else d.max_output_channels) > 0
 
     candidates = [d for d in devices if usable(d)]
+    wants_default = spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "default"))
     if not candidates:
-        raise DeviceError(f"no audio {kind} device found (is there a sound card or PulseAudio?)")
-    if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "default")):
+        asked = "" if wants_default else f"unknown {kind} device {str(spec)!r}: "
+        raise DeviceError(f"{asked}no audio {kind} device found (is there a sound card or PulseAudio?)")
+    if wants_default:
         chosen = [d for d in candidates if (d.is_default_input if kind == "input" else d.is_default_output)]
         if not chosen:
             raise DeviceError(f"no default audio {kind} device; pick one from 'duplex devices'")

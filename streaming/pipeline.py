@@ -66,6 +66,10 @@ class Stage:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
 
+    def init_worker(self) -> None:
+        """Runs once on the stage's worker thread before its first job (e.g. to set the thread's
+        torch intra-op thread count, which is a per-thread setting under OpenMP)."""
+
     async def run_blocking(self, fn: Callable[..., T], *args: Any) -> T:
         """Run blocking work (a model call) on this stage's own worker thread.
 
@@ -74,7 +78,7 @@ class Stage:
         """
         if self._executor is None:
             self._executor = concurrent.futures.ThreadPoolExecutor(
-                max_workers=1, thread_name_prefix=f"duplex-{self.name}"
+                max_workers=1, thread_name_prefix=f"duplex-{self.name}", initializer=self.init_worker
             )
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, functools.partial(fn, *args))

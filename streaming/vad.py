@@ -302,6 +302,14 @@ class VADStage(Stage):
         self.vad = TwoStageVAD(config, model)
         self.state = self.vad.init_state()
 
+    def init_worker(self) -> None:
+        # Silero is far too small to gain from intra-op threads; on 2 cores a second OpenMP team
+        # only spins against the event loop and other models (Silero-only VAD through the
+        # pipeline measured 0.73 ms per 30 ms frame with 2 threads, 0.38 ms with 1)
+        import torch
+
+        torch.set_num_threads(1)
+
     async def process(self, frame: Frame) -> None:
         if isinstance(frame, AudioFrame):
             mono = frame.mono
