@@ -56,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["two-stage", "webrtc", "silero"], help="detector (default: config vad.mode)")
     p.add_argument("--pace", choices=["fast", "realtime"], default="fast", help="simulated clock (fast) or wall clock")
 
+    p = sub.add_parser("models", help="list known models and where they come from; `models prepare` converts them")
+    _common(p)
+    p.add_argument("action", nargs="?", choices=["list", "prepare"], default="list")
+    p.add_argument("--json", action="store_true", help="JSON instead of a table")
+
     p = sub.add_parser("bench", help="benchmarks")
     bench = p.add_subparsers(dest="bench", metavar="WHAT", required=True)
     b = bench.add_parser("vad", help="VAD precision/recall, detection delay and cost on a speech manifest")
@@ -201,7 +206,40 @@ def cmd_bench_pipeline(args: argparse.Namespace, cfg: DuplexConfig) -> int:
     return 0
 
 
+def cmd_models(args: argparse.Namespace, cfg: DuplexConfig) -> int:
+    from tqdm import tqdm
+
+    from . import models
+
+    resolver = models.ModelResolver(models.ModelCache(Path(cfg.models.cache_dir) if cfg.models.cache_dir else None))
+    if args.action == "prepare":
+        with tqdm(total=len(models.KNOWN), desc="preparing models", file=sys.stderr, leave=False) as bar:
+            def step(name: str) -> None:
+                bar.set_postfix_str(name)
+                bar.update()
+
+            rows = models.prepare(resolver, step)
+        if args.json:
+            print(json.dumps(rows))
+        else:
+            for r in rows:
+                print(f"{'ok ' if r['ok'] else 'MISSING'} {r['name']:<18} {r['detail']}")
+        return 0 if all(r["ok"] for r in rows) else 1
+    rows = models.describe(resolver)
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    print(f"{'model':<18} {'role':<4} {'available':<10} {'prepared':<9} {'size MB':>8}  license / source")
+    for r in rows:
+        size = f"{r['size_bytes'] / 2**20:8.0f}" if r["size_bytes"] else f"{'-':>8}"
+        where = f"package {', '.join(r['packages'])}" if r["available"] else r["hint"]
+        print(f"{r['name']:<18} {r['role']:<4} {'yes' if r['available'] else 'no':<10} {'yes' if r['prepared'] else 'no':<9} {size}  {r['license']} / {where}")
+    print(f"cache: {resolver.cache.root}")
+    return 0
+
+
 _COMMANDS = {
+    "models": cmd_models,
     "bench-pipeline": cmd_bench_pipeline,
     "devices": cmd_devices,
     "vad": cmd_vad,

@@ -48,6 +48,22 @@ class PipelineConfig:
 
 
 @dataclass(frozen=True)
+class ModelsConfig:
+    #: speech recogniser: whisper:tiny.en, whisper:base, or a hub id
+    asr: str = "whisper:tiny.en"
+    #: numeric precision of Whisper on the CPU: fp32 or int8 (dynamic quantisation)
+    asr_precision: Literal["fp32", "int8"] = "fp32"
+    #: coordinator LLM: llm:smollm2-135m, or a hub id of an instruct model
+    llm: str = "llm:smollm2-135m"
+    #: numeric precision of the LLM on the CPU: fp32 or int8
+    llm_precision: Literal["fp32", "int8"] = "fp32"
+    #: text-to-speech voice
+    tts: str = "tts:piper-joe"
+    #: folder for converted weights; "" = $DUPLEX_CACHE_DIR or ~/.cache/duplex/models
+    cache_dir: str = ""
+
+
+@dataclass(frozen=True)
 class LogConfig:
     #: log level
     level: Literal["debug", "info", "warning", "error"] = "warning"
@@ -58,6 +74,7 @@ class DuplexConfig:
     audio: AudioConfig = field(default_factory=AudioConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     vad: VADConfig = field(default_factory=VADConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
 

@@ -1,0 +1,106 @@
+"""Load Whisper from a transformers-style folder, or convert CTranslate2 weights into one.
+
+A folder holds ``config.json`` (transformers ``WhisperConfig``), ``model.safetensors`` (transformers
+parameter names), ``tokenizer.json`` and ``generation_config.json`` (suppressed tokens, alignment
+heads). Hub snapshots of ``openai/whisper-*`` have this shape, and our converted cache entries are
+written in it, so one loader serves both.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import DuplexError
+from .ct2 import read_ct2
+from .whisper import Whisper, WhisperDims
+from .whisper_ct2 import convert
+from .whisper_text import DecodeRules, WhisperTokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WhisperBundle:
+    model: Whisper
+    tokenizer: WhisperTokenizer
+    rules: DecodeRules
+    dims: WhisperDims
+    multilingual: bool
+    #: (decoder layer, head) pairs whose cross-attention follows the audio (for word timing)
+    alignment_heads: tuple[tuple[int, int], ...]
+    #: where the weights came from, for the user
+    source: str
+    #: "fp32" or "int8" (dynamic quantisation of the linear layers)
+    precision: str = "fp32"
+
+
+def write_folder_from_ct2(parts: Sequence[Path], assets: Path, out: Path) -> None:
+    """Convert a CTranslate2 Whisper (``model.bin`` parts plus its config and tokenizer in
+    ``assets``) into a transformers-style folder at ``out``."""
+    from safetensors.torch import save_file
+
+    ct2 = read_ct2(parts)
+    dims, state = convert(ct2, dtype=torch.float16)  # the source is fp16: keep it exact and small
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt", "converted_from": "ctranslate2"})
+    (out / "config.json").write_text(json.dumps(dims.to_hf_config(), indent=1))
+    cfg = json.loads((assets / "config.json").read_text())
+    multilingual = dims.n_vocab >= 51865
+    gen = {
+        "suppress_tokens": cfg.get("suppress_ids", []),
+        "begin_suppress_tokens": cfg.get("suppress_ids_begin", []),
+        "alignment_heads": cfg.get("alignment_heads", []),
+        "is_multilingual": multilingual,
+    }
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=1))
+    shutil.copyfile(assets / "tokenizer.json", out / "tokenizer.json")
+
+
+def load_folder(folder: Path, source: str, precision: str = "fp32") -> WhisperBundle:
+    from safetensors.torch import load_file
+
+    try:
+        cfg = json.loads((folder / "config.json").read_text())
+        gen_path = folder / "generation_config.json"
+        gen = json.loads(gen_path.read_text()) if gen_path.exists() else {}
+    except (OSError, ValueError) as exc:
+        raise DuplexError(f"cannot read Whisper config in {folder}: {exc}") from None
+    dims = WhisperDims.from_hf_config(cfg)
+    weights = folder / "model.safetensors"
+    if weights.exists():
+        state = load_file(str(weights))
+    elif (folder / "pytorch_model.bin").exists():
+        state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    else:
+        raise DuplexError(f"no Whisper weights (model.safetensors) in {folder}")
+    model = Whisper(dims)
+    model.load_hf_state_dict({k: v.float() for k, v in state.items()})
+    model.eval()
+    multilingual = bool(gen.get("is_multilingual", dims.n_vocab >= 51865))
+    heads = tuple(tuple(h) for h in gen.get("alignment_heads", []))
+    if precision == "int8":
+        model = quantize_int8(model)
+    elif precision != "fp32":
+        raise DuplexError(f"unknown Whisper precision {precision!r} (fp32 or int8)")
+    return WhisperBundle(
+        model=model,
+        tokenizer=WhisperTokenizer(folder / "tokenizer.json", multilingual),
+        rules=DecodeRules(tuple(gen.get("suppress_tokens") or ()), tuple(gen.get("begin_suppress_tokens") or ())),
+        dims=dims,
+        multilingual=multilingual,
+        alignment_heads=heads,  # type: ignore[arg-type]
+        source=source,
+        precision=precision,
+    )
+
+
+def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
+    """Dynamic int8 quantisation of every ``nn.Linear`` (weights int8, activations quantised on
+    the fly); the tied output projection stays fp32 because it is a matmul, not a Linear."""
+    return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
