@@ -1,0 +1,211 @@
+"""Real models, offline: the CTranslate2 conversion is checked against CTranslate2 itself, both
+Whisper models transcribe real recordings, the LLM answers and Piper speaks the answer."""
+
+import json
+import re
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from agent.models import KNOWN, ModelResolver, ModelSpec, _offline_files
+from fixtures import asterisk, librivox
+from streaming.audio_file import read_audio
+from streaming.errors import DuplexError
+from streaming.models.cache import ModelCache
+from streaming.models.ct2 import model_parts, read_ct2
+from streaming.models.whisper import log_mel
+from streaming.models.whisper_text import greedy_decode
+
+
+def words(text: str) -> list[str]:
+    return re.sub(r"[^a-z0-9' ]", " ", text.lower().replace("-", " ")).split()
+
+
+@pytest.fixture(scope="module")
+def resolver():
+    # the per-user cache that scripts/setup prepared (or that this run fills)
+    return ModelResolver()
+
+
+@pytest.fixture(scope="module")
+def tiny(resolver):
+    return resolver.whisper("whisper:tiny.en")
+
+
+@pytest.fixture(scope="module")
+def base(resolver):
+    return resolver.whisper("whisper:base")
+
+
+def transcribe(bundle, audio, language="en"):
+    feats = bundle.model.encode(log_mel(audio, bundle.dims.n_mels, pad_to=480000))
+    return greedy_decode(bundle.model, bundle.tokenizer, feats, bundle.tokenizer.prompt(language), bundle.rules, keep_logits=True)
+
+
+def ct2_dir(name, tmp_path):
+    """A folder CTranslate2 can load: the base model's parts are joined (test-only copy)."""
+    files = _offline_files(KNOWN[name])
+    if len(files["parts"]) == 1:
+        return files["assets"]
+    d = tmp_path / "ct2"
+    d.mkdir()
+    with open(d / "model.bin", "wb") as out:
+        for p in files["parts"]:
+            with open(p, "rb") as f:
+                shutil.copyfileobj(f, out)
+    for f in files["assets"].iterdir():
+        if f.suffix in (".json", ".txt"):
+            shutil.copy(f, d / f.name)
+    return d
+
+
+@pytest.mark.parametrize("name", ["whisper:tiny.en", "whisper:base"])
+def test_converted_whisper_matches_ctranslate2(name, resolver, tmp_path):
+    """Same mel in, same logits out (within fp16-weight rounding), same greedy transcript."""
+    import ctranslate2
+
+    bundle = resolver.whisper(name)
+    ct2 = ctranslate2.models.Whisper(str(ct2_dir(name, tmp_path)), device="cpu", compute_type="float32")
+    for clip in (librivox("0880"), asterisk("demo-thanks"), librivox("0920")):
+        mel = log_mel(read_audio(clip), 80, pad_to=480000)
+        ours = transcribe(bundle, read_audio(clip))
+        theirs = ct2.generate(
+            ctranslate2.StorageView.from_array(mel.unsqueeze(0).numpy()), [bundle.tokenizer.prompt("en")],
+            beam_size=1, return_logits_vocab=True,
+        )[0]
+        assert theirs.sequences_ids[0] == ours.tokens, (ours.text, clip)
+        # CTranslate2 reports the (suppressed) logits of every step; compare where it kept them
+        ref = np.stack([np.asarray(x) for x in theirs.logits[0]])
+        got = torch.stack(ours.logits).numpy()[: len(ref)]
+        kept = ref > -1e30
+        assert np.abs(ref[kept] - got[kept]).max() < 1e-3
+        enc_ref = np.asarray(ct2.encode(ctranslate2.StorageView.from_array(mel.unsqueeze(0).numpy()), to_cpu=True))
+        enc = bundle.model.encode(mel).numpy()
+        # fp32 sums in a different order over 1500 x 512 outputs: bound the error by the scale
+        assert np.abs(enc_ref - enc).max() < 1e-4 * np.abs(enc_ref).max() + 1e-3
+
+
+@pytest.mark.parametrize(
+    "clip,expected",
+    [
+        (lambda: librivox("0880"), "he was not an ill disposed young man"),
+        (lambda: librivox("0920"), None),
+        (lambda: asterisk("demo-thanks"), "goodbye thank you for trying out the asterisk open source pbx"),
+    ],
+)
+def test_both_whisper_models_transcribe_real_recordings(tiny, base, clip, expected):
+    path = clip()
+    hyps = {b.source.split()[0]: words(transcribe(b, read_audio(path)).text) for b in (tiny, base)}
+    if expected is None:  # the LibriVox transcription file of the Debian package is the reference
+        ref_line = next(line for line in (path.parent / "transcription").read_text().splitlines() if path.stem in line)
+        expected = ref_line.split("<s>")[1].split("</s>")[0].strip()
+    ref = expected.split()
+    import jiwer
+
+    for model, hyp in hyps.items():
+        wer = jiwer.wer(" ".join(ref), " ".join(hyp))
+        assert wer <= 0.25, (model, hyp)
+    assert hyps["whisper:base"] == ref or jiwer.wer(" ".join(ref), " ".join(hyps["whisper:base"])) <= 0.15
+
+
+def test_multilingual_prompt_and_english_only_refusal(tiny, base):
+    assert base.multilingual and not tiny.multilingual
+    assert len(base.tokenizer.prompt("es")) == 4 and base.tokenizer.languages["en"] != base.tokenizer.languages["es"]
+    with pytest.raises(DuplexError, match="cannot translate"):
+        tiny.tokenizer.prompt("en", task="translate")
+    with pytest.raises(DuplexError, match="does not know language"):
+        base.tokenizer.prompt("xx")
+
+
+def test_llm_answers_and_piper_speaks_the_answer(resolver, base):
+    llm = resolver.llm("llm:smollm2-135m")
+    reply = llm.reply([{"role": "user", "content": "What is the capital of France?"}], max_new_tokens=40)
+    assert "paris" in reply.lower(), reply
+    assert llm.stats.new_tokens > 0 and llm.stats.decode_tok_s > 0
+    tts = resolver.tts()
+    chunks = list(tts.stream(reply))
+    assert chunks and all(c.dtype == np.float32 for c in chunks)
+    audio = np.concatenate(chunks)
+    assert 0.5 < len(audio) / tts.sample_rate < 15 and np.abs(audio).max() > 0.05
+    # what Piper said is what the LLM wrote: Whisper hears "Paris" in it
+    import soxr
+
+    heard = transcribe(base, soxr.resample(audio, tts.sample_rate, 16000)).text
+    assert "paris" in heard.lower(), heard
+
+
+def test_piper_streams_sentence_by_sentence(resolver):
+    tts = resolver.tts()
+    chunks = list(tts.stream("Hello there. This is the second sentence, a little longer than the first."))
+    assert len(chunks) == 2
+    assert list(tts.stream("   ")) == []
+
+
+def test_ct2_reader_rejects_truncated_files(tmp_path):
+    parts = model_parts(_offline_files(KNOWN["whisper:tiny.en"])["assets"])
+    cut = tmp_path / "model.bin"
+    cut.write_bytes(parts[0].read_bytes()[:100000])
+    with pytest.raises(DuplexError, match="not a readable CTranslate2 model"):
+        read_ct2([cut])
+    # split files read as one: parts of the base model give the same variables as a joined file
+    base_parts = _offline_files(KNOWN["whisper:base"])["parts"]
+    m = read_ct2(base_parts)
+    assert m.spec == "WhisperSpec" and m.get("decoder/embeddings/weight").shape == (51865, 512)
+
+
+def test_corrupt_cache_is_detected_and_rebuilt(tmp_path, caplog):
+    r = ModelResolver(ModelCache(tmp_path / "cache"))
+    first = r.resolve_folder("whisper:tiny.en")
+    weights = first.folder / "model.safetensors"
+    with open(weights, "r+b") as f:  # flip bytes in the middle: same size, wrong checksum
+        f.seek(weights.stat().st_size // 2)
+        f.write(b"\x00garbage\x00")
+    with caplog.at_level("WARNING"):
+        again = r.resolve_folder("whisper:tiny.en")
+    assert "checksum mismatch" in caplog.text
+    assert "converted into cache" in again.detail
+    assert r.cache.load("whisper-tiny.en", json.loads((again.folder / "manifest.json").read_text())["source"])
+
+
+def test_interrupted_conversion_leaves_nothing_behind(tmp_path):
+    cache = ModelCache(tmp_path / "cache")
+
+    def build(out):
+        (out / "model.safetensors").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        cache.store("whisper-tiny.en", "src", build)
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_unwritable_cache_still_works_and_says_so(tmp_path, caplog):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    r = ModelResolver(ModelCache(blocker / "cache"))  # cannot be created: its parent is a file
+    with caplog.at_level("WARNING"):
+        bundle = r.whisper("whisper:tiny.en")
+    assert "not writable" in caplog.text and "slower" in caplog.text
+    assert "temporary folder" in bundle.source
+
+
+def test_unknown_and_missing_models_name_what_to_do(monkeypatch):
+    r = ModelResolver()
+    with pytest.raises(DuplexError, match="unknown model 'whisper:huge'"):
+        r.resolve_folder("whisper:huge")
+    fake = ModelSpec("whisper:fake", "asr", "x", ("no-such-package",), ("no_such_package",), None, "MIT")
+    monkeypatch.setitem(KNOWN, "whisper:fake", fake)
+    with pytest.raises(DuplexError, match="pip install no-such-package"):
+        r.resolve_folder("whisper:fake")
+
+
+def test_duplex_models_json_lists_everything_available(duplex_bin):
+    import subprocess
+
+    r = subprocess.run([str(duplex_bin), "models", "--json"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    rows = {row["name"]: row for row in json.loads(r.stdout)}
+    assert set(rows) == {"whisper:tiny.en", "whisper:base", "llm:smollm2-135m", "tts:piper-joe", "vad:silero"}
+    assert all(row["available"] and row["source"] == "package" for row in rows.values())
