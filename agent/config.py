@@ -20,6 +20,7 @@ import dataclasses
 from pydantic import Field, TypeAdapter, ValidationError
 
 from streaming.errors import ConfigError
+from streaming.asr.recognizer import ASRConfig
 from streaming.vad import VADConfig
 
 ENV_PREFIX = "DUPLEX_"
@@ -74,6 +75,7 @@ class DuplexConfig:
     audio: AudioConfig = field(default_factory=AudioConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     vad: VADConfig = field(default_factory=VADConfig)
+    asr: ASRConfig = field(default_factory=ASRConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
     log: LogConfig = field(default_factory=LogConfig)
 

@@ -33,6 +33,9 @@ __all__ = [
     "Flush",
     "EndOfStream",
     "ErrorFrame",
+    "Word",
+    "PartialText",
+    "FinalText",
     "INTERNAL_RATE",
 ]
 
@@ -135,6 +138,57 @@ class SpeechEnded(DataFrame):
     @property
     def duration(self) -> float:
         return self.pts - self.start
+
+
+@dataclass(frozen=True, slots=True)
+class Word:
+    """A recognised word with its audio times (pipeline clock) and confidence (0..1)."""
+
+    word: str
+    start: float
+    end: float
+    probability: float
+
+    def as_dict(self) -> dict:
+        return {"word": self.word, "start": round(self.start, 3), "end": round(self.end, 3),
+                "probability": round(self.probability, 4)}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PartialText(DataFrame):
+    """The current hypothesis of an utterance still being spoken.
+
+    ``stable`` is committed and will not change (it is a prefix of the final text, unless the
+    final pass rewrites an uncommitted tail); ``unstable`` may still change. ``pts`` is the
+    audio time up to which the hypothesis was computed.
+    """
+
+    utterance: int = 0
+    stable: str = ""
+    unstable: str = ""
+    #: words that became stable with this partial (only the new ones)
+    new_stable_words: tuple[str, ...] = ()
+
+    @property
+    def text(self) -> str:
+        return (self.stable + self.unstable).strip()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FinalText(DataFrame):
+    """The final transcript of an utterance (or of a committed segment of a long one).
+
+    ``pts`` is the end of its audio; ``start`` its beginning; ``decided_at`` the pipeline-clock
+    time at which it was emitted.
+    """
+
+    utterance: int = 0
+    text: str = ""
+    start: float = 0.0
+    words: tuple[Word, ...] = ()
+    language: str = ""
+    #: True when the utterance goes on (a long monologue cut at a committed boundary)
+    continued: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -45,9 +45,15 @@ class Stage:
         self.clock: Clock = RealClock()
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
 
-    def bind(self, push: Callable[[Frame], Any], clock: Clock) -> None:
+    def bind(self, push: Callable[[Frame], Any], clock: Clock, backlog: Callable[[], int] | None = None) -> None:
         self._push = push
         self.clock = clock
+        self._backlog = backlog
+
+    def backlog(self) -> int:
+        """Frames waiting in this stage's input queue: a stage that is behind real time can skip
+        optional work (a partial hypothesis) to catch up."""
+        return self._backlog() if getattr(self, "_backlog", None) else 0
 
     async def push(self, frame: Frame) -> None:
         if self._push is None:
@@ -138,7 +144,7 @@ class Pipeline:
 
     async def run(self) -> None:
         for i, stage in enumerate(self.stages):
-            stage.bind(self._push_into(i + 1, stage.name), self.clock)
+            stage.bind(self._push_into(i + 1, stage.name), self.clock, self.queues[i].__len__)
         try:
             async with asyncio.TaskGroup() as tg:
                 self._source_task = tg.create_task(self._run_source(), name=f"duplex:{self.source.name}")

@@ -224,9 +224,10 @@ class Decoder(nn.Module):
             cache.cross_v.append(v)
         return cache
 
-    def forward(self, tokens: torch.Tensor, cache: DecoderCache) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, cache: DecoderCache, collect: list | None = None) -> torch.Tensor:
         """Run ``tokens`` [batch, n] after the ``cache.length`` cached ones; returns logits
-        [batch, n, vocab] and extends the cache in place."""
+        [batch, n, vocab] and extends the cache in place. With ``collect``, each layer's
+        cross-attention weights [batch, heads, n, frames] are appended to it."""
         offset = cache.length
         n = tokens.shape[1]
         if offset + n > self.embed_positions.num_embeddings:
@@ -257,7 +258,16 @@ class Decoder(nn.Module):
             else:
                 x = x + layer.self_attn.attend(h, k, v, causal=True)
             h = layer.encoder_attn_layer_norm(x)
-            x = x + layer.encoder_attn.attend(h, cache.cross_k[i], cache.cross_v[i], causal=False)
+            if collect is not None:
+                # explicit attention weights, for word alignment (SDPA does not expose them)
+                q = layer.encoder_attn.split(layer.encoder_attn.q_proj(h))
+                w = torch.softmax(q @ cache.cross_k[i].transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+                collect.append(w)
+                o = w @ cache.cross_v[i]
+                b, hh, t, dh = o.shape
+                x = x + layer.encoder_attn.out_proj(o.transpose(1, 2).reshape(b, t, hh * dh))
+            else:
+                x = x + layer.encoder_attn.attend(h, cache.cross_k[i], cache.cross_v[i], causal=False)
             x = x + layer.fc2(F.gelu(layer.fc1(layer.final_layer_norm(x))))
         x = self.layer_norm(x)
         return x @ self.embed_tokens.weight.T

@@ -1,0 +1,171 @@
+"""File transcription, streaming (the product path) or offline (a whole-file reference)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from streaming.asr.decoder import build_prompt, decode, rules_filter
+from streaming.asr.hotwords import HotwordBoost, parse_hotwords, prompt_text
+from streaming.asr.recognizer import ASRConfig, StreamingRecognizer, detect_language
+from streaming.asr.stage import ASRStage
+from streaming.asr.alignment import word_timings
+from streaming.audio_file import FileSource, read_audio
+from streaming.clock import Clock, RealClock, SimulatedClock
+from streaming.errors import DuplexError
+from streaming.frames import EndOfStream, FinalText, Frame, PartialText, Word
+from streaming.models.whisper import log_mel
+from streaming.models.whisper_load import WhisperBundle
+from streaming.pipeline import Pipeline, Source
+from streaming.stages import Callback
+from streaming.vad import VADStage
+
+from .config import DuplexConfig
+
+WINDOW = 30 * 16000
+
+
+@dataclass
+class Transcript:
+    file: str
+    text: str
+    language: str
+    words: list[Word]
+    audio_seconds: float
+    processing_seconds: float
+    final_latency_ms: float | None
+    finals: list[FinalText] = field(default_factory=list)
+    partials: list[tuple[float, PartialText]] = field(default_factory=list)  # (wall time, frame)
+
+    def as_dict(self) -> dict:
+        return {
+            "file": self.file,
+            "text": self.text,
+            "language": self.language,
+            "words": [w.as_dict() for w in self.words],
+            "audio_seconds": round(self.audio_seconds, 3),
+            "processing_seconds": round(self.processing_seconds, 3),
+            "final_latency_ms": None if self.final_latency_ms is None else round(self.final_latency_ms, 1),
+        }
+
+
+class _MarkLastSample(Source):
+    """Wraps a source and records the wall time at which its last audio left it."""
+
+    def __init__(self, inner: Source) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.last_sample_wall: float | None = None
+
+    async def frames(self, clock: Clock) -> AsyncIterator[Frame]:
+        async for f in self.inner.frames(clock):
+            if isinstance(f, EndOfStream):
+                self.last_sample_wall = time.perf_counter()
+            yield f
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def asr_config(cfg: DuplexConfig, language: str | None, task: str | None, hotwords: tuple[str, ...]) -> ASRConfig:
+    c = cfg.asr
+    changes: dict = {}
+    if language:
+        changes["language"] = language
+    if task:
+        changes["task"] = task
+    if hotwords:
+        changes["hotwords"] = parse_hotwords(hotwords)
+    return replace(c, **changes)
+
+
+async def transcribe_streaming(
+    path: str | Path, bundle: WhisperBundle, cfg: DuplexConfig, asr: ASRConfig, pace: str = "realtime"
+) -> Transcript:
+    try:
+        recognizer = StreamingRecognizer(bundle, asr)
+    except ValueError as exc:
+        raise DuplexError(str(exc)) from None
+    clock: Clock = SimulatedClock() if pace == "fast" else RealClock()
+    source = _MarkLastSample(FileSource(path, pace="realtime", block_ms=cfg.audio.block_ms, start_pts=0.0))
+    finals: list[FinalText] = []
+    partials: list[tuple[float, PartialText]] = []
+    final_wall: list[float] = []
+
+    def collect(frame: Frame) -> None:
+        if isinstance(frame, FinalText):
+            finals.append(frame)
+            final_wall.append(time.perf_counter())
+        elif isinstance(frame, PartialText):
+            partials.append((time.perf_counter(), frame))
+
+    stages = [VADStage(cfg.vad), ASRStage(recognizer), Callback(collect, (FinalText, PartialText), name="collect")]
+    t0 = time.perf_counter()
+    await Pipeline(source, stages, clock=clock, queue_size=cfg.pipeline.queue_size).run()
+    elapsed = time.perf_counter() - t0
+    latency = None
+    if final_wall and source.last_sample_wall is not None:
+        latency = (final_wall[-1] - source.last_sample_wall) * 1000
+    audio_s = _duration(path)
+    return Transcript(
+        file=str(path),
+        text=" ".join(f.text for f in finals).strip(),
+        language=next((f.language for f in finals if f.language), asr.language),
+        words=[w for f in finals for w in f.words],
+        audio_seconds=audio_s,
+        processing_seconds=elapsed,
+        final_latency_ms=latency,
+        finals=finals,
+        partials=partials,
+    )
+
+
+def _duration(path: str | Path) -> float:
+    import soundfile as sf
+
+    info = sf.info(str(path))
+    return info.frames / info.samplerate
+
+
+@torch.inference_mode()
+def transcribe_offline(path: str | Path, bundle: WhisperBundle, asr: ASRConfig) -> Transcript:
+    """Plain whole-file decoding for comparison: 30 s windows padded as Whisper was trained,
+    each decoded greedily with the previous window's text as context."""
+    t0 = time.perf_counter()
+    audio = read_audio(path)
+    tok = bundle.tokenizer
+    hot = parse_hotwords(asr.hotwords)
+    biaser = HotwordBoost(tok, hot, asr.hotword_boost, asr.hotword_start_boost, asr.hotword_gate)
+    hot_prompt = tok.encode(prompt_text(hot)) if hot else []
+    filters = [rules_filter(tok, bundle.rules)] + ([biaser] if biaser else [])
+    texts, words, context = [], [], []
+    language = asr.language
+    for start in range(0, max(1, len(audio)), WINDOW):
+        chunk = audio[start : start + WINDOW]
+        if len(chunk) < 1600:
+            continue
+        feats = bundle.model.encode(log_mel(chunk, bundle.dims.n_mels, pad_to=WINDOW))
+        if bundle.multilingual and language == "auto":
+            language = detect_language(bundle, feats)
+        sot = tok.prompt(language if bundle.multilingual else None, asr.task)
+        prompt = build_prompt(tok, hot_prompt + context[-asr.context_tokens :], sot)
+        d = decode(bundle.model, tok, feats, prompt, [], filters, max_tokens=224)
+        real = len(chunk) // 320 + 1
+        words += word_timings(bundle.model, tok, feats, prompt, d.tokens, d.logprobs, bundle.alignment_heads, start / 16000, real)
+        texts.append(tok.decode(d.tokens).strip())
+        context += d.tokens
+    return Transcript(
+        file=str(path), text=" ".join(t for t in texts if t), language=language if bundle.multilingual else "en",
+        words=words, audio_seconds=len(audio) / 16000, processing_seconds=time.perf_counter() - t0, final_latency_ms=None,
+    )
+
+
+def run_streaming(path, bundle, cfg, asr, pace) -> Transcript:
+    return asyncio.run(transcribe_streaming(path, bundle, cfg, asr, pace))
+
+

@@ -1,0 +1,112 @@
+"""Whisper decoding with a forced prefix, KV caches and pluggable logit filters.
+
+A decode builds ``[<|startofprev|> context] <|startoftranscript|> ... forced`` and continues it
+greedily. The prompt and forced prefix are prefilled in one forward pass; each new token then costs
+one step on the cached keys and values. Cross-attention keys and values are computed once per
+encoder pass (``Decoder.cross_cache``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from ..models.whisper import DecoderCache, Whisper
+from ..models.whisper_text import DecodeRules, WhisperTokenizer
+
+MAX_PROMPT = 223  # Whisper's previous-context budget: half of its 448-token window, minus one
+
+
+class LogitFilter(Protocol):
+    def apply(self, logits: torch.Tensor, tokens: list[int]) -> None:
+        """Modify ``logits`` (one row, the next token) in place; ``tokens`` are the text so far."""
+
+
+class SuppressTokens:
+    def __init__(self, ids: tuple[int, ...], first_ids: tuple[int, ...], specials_from: int) -> None:
+        self.ids = torch.tensor(ids, dtype=torch.long)
+        self.first_ids = torch.tensor(first_ids, dtype=torch.long)
+        self.specials_from = specials_from
+
+    def apply(self, logits: torch.Tensor, tokens: list[int]) -> None:
+        if len(self.ids):
+            logits[self.ids] = -torch.inf
+        if not tokens and len(self.first_ids):
+            logits[self.first_ids] = -torch.inf
+        # no timestamp or other special tokens in text: they start after end-of-text
+        logits[self.specials_from :] = -torch.inf
+
+
+@dataclass
+class Decoded:
+    #: tokens generated after the forced prefix
+    tokens: list[int]
+    logprobs: list[float]
+    #: tokens the prompt was made of (for alignment later)
+    prompt: list[int] = field(default_factory=list)
+    hit_limit: bool = False
+
+
+def build_prompt(tok: WhisperTokenizer, context: list[int], sot_seq: list[int]) -> list[int]:
+    if not context:
+        return list(sot_seq)
+    return [tok.sot_prev, *context[-MAX_PROMPT:], *sot_seq]
+
+
+@torch.inference_mode()
+def decode(
+    model: Whisper,
+    tok: WhisperTokenizer,
+    features: torch.Tensor,
+    prompt: list[int],
+    forced: list[int],
+    filters: list[LogitFilter],
+    max_tokens: int,
+) -> Decoded:
+    """Greedy continuation of ``prompt + forced`` over ``features`` [1, frames, d]."""
+    if features.dim() == 2:
+        features = features.unsqueeze(0)
+    cache: DecoderCache = model.decoder.cross_cache(features)
+    logits = model.decoder(torch.tensor([prompt + forced]), cache)[0, -1]
+    text = list(forced)
+    out: list[int] = []
+    logprobs: list[float] = []
+    for _ in range(max_tokens):
+        row = logits.float().clone()
+        for f in filters:
+            f.apply(row, text)
+        lp = torch.log_softmax(row, dim=-1)
+        nxt = int(torch.argmax(lp))
+        if nxt == tok.eot:
+            return Decoded(out, logprobs, prompt)
+        out.append(nxt)
+        text.append(nxt)
+        logprobs.append(float(lp[nxt]))
+        if _looping(text):
+            return Decoded(out, logprobs, prompt, hit_limit=True)
+        logits = model.decoder(torch.tensor([[nxt]]), cache)[0, -1]
+    return Decoded(out, logprobs, prompt, hit_limit=True)
+
+
+def _looping(tokens: list[int], max_n: int = 8, times: int = 3, restart: int = 6) -> bool:
+    """Whisper's hallucination loops, common on audio cut mid-word: the same short n-gram
+    (n <= 8) three times in a row, or the last ``restart`` tokens already seen earlier in the
+    same text (the model starting the transcript over)."""
+    for n in range(1, max_n + 1):
+        if len(tokens) < n * times:
+            break
+        tail = tokens[-n:]
+        if all(tokens[len(tokens) - (i + 1) * n : len(tokens) - i * n] == tail for i in range(1, times)):
+            return True
+    if len(tokens) > restart:
+        tail = tokens[-restart:]
+        for i in range(len(tokens) - restart):
+            if tokens[i : i + restart] == tail:
+                return True
+    return False
+
+
+def rules_filter(tok: WhisperTokenizer, rules: DecodeRules) -> SuppressTokens:
+    return SuppressTokens(rules.suppress, rules.suppress_begin, tok.eot + 1)

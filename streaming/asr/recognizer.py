@@ -1,0 +1,317 @@
+"""Streaming recognition: Whisper on the audio that exists, stable words while the user speaks.
+
+The core is synchronous and does no I/O (``init_state`` / ``start`` / ``push`` / ``end`` /
+``finish``), so files replay deterministically and the pipeline stage is a thin wrapper.
+
+While VAD reports speech, every ``step_ms`` of new audio the current utterance window is encoded
+(only the audio that exists: no padding to 30 s) and decoded greedily after the committed tokens,
+which are forced as a prefix. LocalAgreement-n commits the words on which the last n hypotheses
+agree. When speech ends, a final pass decodes the whole window once more after the committed
+prefix and aligns words to the audio. Windows longer than ``max_window_s`` are cut after the last
+committed word; the committed text travels on as decoder context, so cost stays flat.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Annotated, Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from ..frames import INTERNAL_RATE, FinalText, Frame, PartialText
+from ..models.whisper import log_mel
+from ..models.whisper_load import WhisperBundle
+from .alignment import SECONDS_PER_POSITION, group_words, warm_up_alignment, word_timings
+from .decoder import Decoded, build_prompt, decode, rules_filter
+from .hotwords import HotwordBoost, parse_hotwords, prompt_text
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ASRConfig:
+    #: a new partial hypothesis after this much new audio, ms
+    step_ms: Annotated[float, Field(ge=50, le=5000)] = 400.0
+    #: LocalAgreement-n: a word is stable once this many successive hypotheses agree on it
+    agreement: Annotated[int, Field(ge=1, le=5)] = 2
+    #: language code, or "auto" to detect it per utterance (multilingual models only)
+    language: str = "en"
+    #: "transcribe", or "translate" (to English; multilingual models only)
+    task: Literal["transcribe", "translate"] = "transcribe"
+    #: windows longer than this are cut after the last stable word, s (Whisper sees at most 30 s)
+    max_window_s: Annotated[float, Field(ge=5, le=28)] = 20.0
+    #: the encoder input is zero-padded to at least this many seconds (0 = only the real audio)
+    min_encode_s: Annotated[float, Field(ge=0, le=30)] = 0.0
+    #: utterances shorter than this are ignored (clicks), ms
+    min_utterance_ms: Annotated[float, Field(ge=0)] = 100.0
+    #: audio kept before VAD's speech start, ms (VAD already pads its own estimate)
+    preroll_ms: Annotated[float, Field(ge=0, le=2000)] = 200.0
+    #: tokens of earlier text carried into the decoder prompt as context
+    context_tokens: Annotated[int, Field(ge=0, le=200)] = 64
+    #: cap on generated tokens per second of audio (stops hallucination loops early)
+    max_tokens_per_second: Annotated[float, Field(gt=0)] = 12.0
+    #: words and phrases to favour (also settable at run time)
+    hotwords: tuple[str, ...] = ()
+    #: logit boost for tokens that continue a hotword already begun
+    hotword_boost: Annotated[float, Field(ge=0, le=20)] = 5.0
+    #: logit boost for the first token of a hotword
+    hotword_start_boost: Annotated[float, Field(ge=0, le=20)] = 2.0
+    #: a boost is only granted where the model's own log-probability is above this
+    hotword_gate: Annotated[float, Field(le=0)] = -8.0
+
+
+@dataclass
+class ASRState:
+    """One stream's recognition state. Create it with ``StreamingRecognizer.init_state``."""
+
+    buf: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
+    buf_start: float | None = None  # pipeline time of buf[0]
+    in_speech: bool = False
+    window_start: float = 0.0
+    last_decode_end: float = 0.0
+    utterance: int = 0
+    committed: list[int] = field(default_factory=list)
+    committed_logprobs: list[float] = field(default_factory=list)
+    history: list[list[int]] = field(default_factory=list)  # recent hypotheses
+    context: list[int] = field(default_factory=list)
+    language: str | None = None
+    hotwords: tuple[str, ...] = ()
+    biaser: HotwordBoost | None = None
+    hotword_prompt: list[int] = field(default_factory=list)
+    decodes: int = 0  # for the benchmarks: decoder passes run
+    step_seconds: list[float] = field(default_factory=list)
+
+
+class StreamingRecognizer:
+    def __init__(self, model: WhisperBundle, config: ASRConfig | None = None) -> None:
+        self.m = model
+        self.config = config or ASRConfig()
+        c = self.config
+        if c.task == "translate" and not model.multilingual:
+            raise ValueError("translation needs a multilingual Whisper model")
+        if c.language not in ("auto", *model.tokenizer.languages) and model.multilingual:
+            raise ValueError(f"unknown language {c.language!r}")
+        self._suppress = rules_filter(model.tokenizer, model.rules)
+        warm_up_alignment()
+
+    # -- state ------------------------------------------------------------------------------
+
+    def init_state(self) -> ASRState:
+        s = ASRState()
+        self.set_hotwords(s, self.config.hotwords)
+        return s
+
+    def set_hotwords(self, state: ASRState, hotwords) -> None:
+        """Replace the hotword list; takes effect from the next decode, no restart."""
+        c = self.config
+        state.hotwords = parse_hotwords(hotwords)
+        tok = self.m.tokenizer
+        state.biaser = HotwordBoost(tok, state.hotwords, c.hotword_boost, c.hotword_start_boost, c.hotword_gate)
+        state.hotword_prompt = tok.encode(prompt_text(state.hotwords)) if state.hotwords else []
+
+    # -- events -----------------------------------------------------------------------------
+
+    def push(self, state: ASRState, samples: np.ndarray, pts: float, hypothesise: bool = True) -> list[Frame]:
+        """Audio (16 kHz mono) whose first sample is at ``pts``. With ``hypothesise=False`` the
+        audio is only buffered (the caller is behind real time and catching up)."""
+        if state is None:
+            raise ValueError("StreamingRecognizer.push needs a state from init_state()")
+        if state.buf_start is None:
+            state.buf_start = pts
+        state.buf = np.concatenate([state.buf, samples]) if len(state.buf) else np.array(samples, dtype=np.float32)
+        if not state.in_speech:
+            keep = int(self.config.preroll_ms / 1000 * INTERNAL_RATE)
+            if len(state.buf) > keep:
+                drop = len(state.buf) - keep
+                state.buf = state.buf[drop:]
+                state.buf_start += drop / INTERNAL_RATE
+            return []
+        end = self._buf_end(state)
+        if not hypothesise or (end - state.last_decode_end) * 1000 < self.config.step_ms:
+            return []
+        return self._partial(state, end)
+
+    def start(self, state: ASRState, pts: float) -> None:
+        """Speech began at ``pts`` (VAD's padded estimate)."""
+        if state.in_speech:
+            return
+        state.in_speech = True
+        state.utterance += 1
+        start = pts - self.config.preroll_ms / 1000
+        state.window_start = max(start, state.buf_start if state.buf_start is not None else start)
+        state.last_decode_end = state.window_start
+        state.committed, state.committed_logprobs, state.history = [], [], []
+        if self.config.language == "auto" or not self.m.multilingual:
+            state.language = None if self.m.multilingual else "en"
+        else:
+            state.language = self.config.language
+
+    def end(self, state: ASRState, pts: float) -> list[Frame]:
+        """Speech ended at ``pts``: the final transcript of the utterance."""
+        if not state.in_speech:
+            return []
+        state.in_speech = False
+        out = self._final(state, min(pts, self._buf_end(state)), continued=False)
+        # keep only the pre-roll's worth of audio for the next utterance
+        self._trim_to(state, self._buf_end(state) - self.config.preroll_ms / 1000)
+        return out
+
+    def finish(self, state: ASRState) -> list[Frame]:
+        """End of stream: close an open utterance."""
+        if state.in_speech and state.buf_start is not None:
+            return self.end(state, self._buf_end(state))
+        return []
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _buf_end(self, s: ASRState) -> float:
+        return (s.buf_start or 0.0) + len(s.buf) / INTERNAL_RATE
+
+    def _window(self, s: ASRState, end: float) -> np.ndarray:
+        a = int(round((s.window_start - s.buf_start) * INTERNAL_RATE))
+        b = int(round((end - s.buf_start) * INTERNAL_RATE))
+        return s.buf[max(0, a) : max(0, b)]
+
+    def _trim_to(self, s: ASRState, t: float) -> None:
+        if s.buf_start is None or t <= s.buf_start:
+            return
+        drop = min(len(s.buf), int(round((t - s.buf_start) * INTERNAL_RATE)))
+        s.buf = s.buf[drop:]
+        s.buf_start += drop / INTERNAL_RATE
+
+    @torch.inference_mode()
+    def _encode(self, audio: np.ndarray) -> tuple[torch.Tensor, int]:
+        """Encoder output for ``audio`` and the number of positions that hold real audio."""
+        pad_to = int(self.config.min_encode_s * INTERNAL_RATE) or None
+        mel = log_mel(audio, self.m.dims.n_mels, pad_to=pad_to)
+        real = min(mel.shape[-1], (len(audio) // 160)) // 2 + 1
+        return self.m.model.encode(mel), real
+
+    def _sot(self, s: ASRState, feats: torch.Tensor) -> list[int]:
+        tok = self.m.tokenizer
+        if s.language is None:
+            s.language = detect_language(self.m, feats)
+        return tok.prompt(s.language if self.m.multilingual else None, self.config.task)
+
+    def _decode(self, s: ASRState, feats: torch.Tensor, seconds: float) -> Decoded:
+        tok = self.m.tokenizer
+        context = s.hotword_prompt + s.context[-self.config.context_tokens :] if self.config.context_tokens else s.hotword_prompt
+        prompt = build_prompt(tok, context, self._sot(s, feats))
+        filters = [self._suppress]
+        if s.biaser:
+            filters.append(s.biaser)
+        budget = int(self.config.max_tokens_per_second * seconds) + 8
+        s.decodes += 1
+        return decode(self.m.model, tok, feats, prompt, s.committed, filters, max_tokens=budget)
+
+    def _partial(self, s: ASRState, end: float) -> list[Frame]:
+        import time
+
+        t0 = time.perf_counter()
+        audio = self._window(s, end)
+        s.last_decode_end = end
+        feats, _ = self._encode(audio)
+        d = self._decode(s, feats, len(audio) / INTERNAL_RATE)
+        hyp = s.committed + d.tokens
+        s.history = (s.history + [hyp])[-self.config.agreement :]
+        newly = self._agree(s, d)
+        out: list[Frame] = []
+        tok = self.m.tokenizer
+        unstable = tok.decode(hyp[len(s.committed) :])
+        out.append(
+            PartialText(
+                pts=end, utterance=s.utterance, stable=tok.decode(s.committed), unstable=unstable,
+                new_stable_words=tuple(newly),
+            )
+        )
+        s.step_seconds.append(time.perf_counter() - t0)
+        if (end - s.window_start) > self.config.max_window_s:
+            out.extend(self._cut(s, feats, end))
+        return out
+
+    def _agree(self, s: ASRState, d: Decoded) -> list[str]:
+        """Commit the words every recent hypothesis agrees on (LocalAgreement-n)."""
+        if len(s.history) < self.config.agreement:
+            return []
+        n0 = len(s.committed)
+        tails = [h[n0:] for h in s.history]
+        lcp = 0
+        while all(len(t) > lcp for t in tails) and len({t[lcp] for t in tails}) == 1:
+            lcp += 1
+        cur = tails[-1]
+        # back off to a word boundary: the token after the agreed part must start a new word in
+        # the current hypothesis, otherwise the last agreed word may still grow
+        tok = self.m.tokenizer
+        cut = 0
+        for i in range(1, lcp + 1):
+            if i < len(cur) and tok.token_text(cur[i]).startswith(" "):
+                cut = i
+        if cut == 0:
+            return []
+        words = [tok.decode([cur[j] for j in w]).strip() for w in group_words(tok, cur[:cut])]
+        s.committed = s.committed + cur[:cut]
+        s.committed_logprobs = s.committed_logprobs + d.logprobs[:cut]
+        return words
+
+    def _cut(self, s: ASRState, feats: torch.Tensor, end: float) -> list[Frame]:
+        """A long window: emit the committed words as a final segment and start the window after
+        them, so the encoder never sees more than ``max_window_s`` and cost stays flat."""
+        if not s.committed:
+            if end - s.window_start < self.config.max_window_s + 5:
+                return []
+            return self._final(s, end, continued=True)  # no agreement for too long: close it all
+        tok = self.m.tokenizer
+        context = s.hotword_prompt + s.context[-self.config.context_tokens :]
+        prompt = build_prompt(tok, context, self._sot(s, feats))
+        real = int((end - s.window_start) / SECONDS_PER_POSITION)
+        words = word_timings(self.m.model, tok, feats, prompt, s.committed, s.committed_logprobs,
+                             self.m.alignment_heads, s.window_start, real)
+        cut_at = words[-1].end if words else end
+        frame = FinalText(
+            pts=cut_at, utterance=s.utterance, text=tok.decode(s.committed).strip(), start=s.window_start,
+            words=tuple(words), language=s.language or "", continued=True,
+        )
+        s.context = (s.context + s.committed)[-200:]
+        s.committed, s.committed_logprobs, s.history = [], [], []
+        s.window_start = cut_at
+        self._trim_to(s, cut_at - 0.05)
+        return [frame]
+
+    def _final(self, s: ASRState, end: float, continued: bool) -> list[Frame]:
+        audio = self._window(s, end)
+        if len(audio) < self.config.min_utterance_ms / 1000 * INTERNAL_RATE:
+            s.committed, s.committed_logprobs, s.history = [], [], []
+            return []
+        feats, real = self._encode(audio)
+        d = self._decode(s, feats, len(audio) / INTERNAL_RATE)
+        tokens = s.committed + d.tokens
+        logprobs = s.committed_logprobs + d.logprobs
+        words = word_timings(self.m.model, self.m.tokenizer, feats, d.prompt, tokens, logprobs,
+                             self.m.alignment_heads, s.window_start, real)
+        text = self.m.tokenizer.decode(tokens).strip()
+        frame = FinalText(
+            pts=end, utterance=s.utterance, text=text, start=s.window_start, words=tuple(words),
+            language=s.language or "", continued=continued,
+        )
+        s.context = (s.context + tokens)[-200:]
+        s.committed, s.committed_logprobs, s.history = [], [], []
+        if continued:
+            s.window_start = end
+            s.last_decode_end = end
+        return [frame] if text else []
+
+
+@torch.inference_mode()
+def detect_language(m: WhisperBundle, feats: torch.Tensor) -> str:
+    """The language token Whisper finds most likely right after <|startoftranscript|>."""
+    tok = m.tokenizer
+    if not m.multilingual:
+        return "en"
+    cache = m.model.decoder.cross_cache(feats if feats.dim() == 3 else feats.unsqueeze(0))
+    logits = m.model.decoder(torch.tensor([[tok.sot]]), cache)[0, -1]
+    codes = list(tok.languages)
+    ids = torch.tensor([tok.languages[c] for c in codes])
+    return codes[int(torch.argmax(logits[ids]))]

@@ -1,0 +1,53 @@
+"""Pipeline stage around the streaming recogniser."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from ..frames import INTERNAL_RATE, AudioFrame, Frame, SpeechEnded, SpeechStarted
+from ..pipeline import Stage
+from .recognizer import StreamingRecognizer
+
+
+class ASRStage(Stage):
+    """Consumes audio and VAD events; emits PartialText and FinalText. Forwards everything.
+
+    The recogniser runs on this stage's worker thread, never on the event loop.
+    """
+
+    def __init__(self, recognizer: StreamingRecognizer, name: str = "asr") -> None:
+        super().__init__()
+        self.name = name
+        self.recognizer = recognizer
+        self.state = recognizer.init_state()
+
+    async def process(self, frame: Frame) -> None:
+        rec = self.recognizer
+        if isinstance(frame, AudioFrame):
+            if frame.sample_rate != INTERNAL_RATE:
+                raise ValueError(f"ASRStage needs {INTERNAL_RATE} Hz audio, got {frame.sample_rate} Hz")
+            await self.push(frame)
+            # behind real time (audio queued behind this frame): buffer only, skip the hypothesis
+            hypothesise = self.backlog() == 0
+            await self._emit(await self.run_blocking(rec.push, self.state, frame.mono, frame.pts, hypothesise))
+            return
+        if isinstance(frame, SpeechStarted):
+            await self.run_blocking(rec.start, self.state, frame.pts)
+            await self.push(frame)
+            return
+        if isinstance(frame, SpeechEnded):
+            await self.push(frame)
+            await self._emit(await self.run_blocking(rec.end, self.state, frame.pts))
+            return
+        await self.push(frame)
+
+    async def set_hotwords(self, hotwords: Iterable[str]) -> None:
+        """Swap the hotword list at run time, in order with the decoding work."""
+        await self.run_blocking(self.recognizer.set_hotwords, self.state, list(hotwords))
+
+    async def flush(self) -> None:
+        await self._emit(await self.run_blocking(self.recognizer.finish, self.state))
+
+    async def _emit(self, frames: list[Frame]) -> None:
+        for f in frames:
+            await self.push(f)
