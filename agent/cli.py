@@ -56,6 +56,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["two-stage", "webrtc", "silero"], help="detector (default: config vad.mode)")
     p.add_argument("--pace", choices=["fast", "realtime"], default="fast", help="simulated clock (fast) or wall clock")
 
+    p = sub.add_parser("transcribe", help="speech to text, streaming (default) or whole-file")
+    _common(p)
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("--model", help="whisper:tiny.en, whisper:base or a hub id (default: config models.asr)")
+    p.add_argument("--language", help="language code, or auto (multilingual models)")
+    p.add_argument("--task", choices=["transcribe", "translate"], help="translate = into English (multilingual models)")
+    hw = p.add_mutually_exclusive_group()
+    hw.add_argument("--hotwords", metavar="W1,W2", help="comma-separated words to favour")
+    hw.add_argument("--hotwords-file", type=Path, metavar="F", help="one hotword or phrase per line")
+    p.add_argument("--offline", action="store_true", help="plain whole-file decoding, for comparison")
+    p.add_argument("--pace", choices=["realtime", "fast"], default="realtime", help="stream at real-time pace (default) or as fast as possible")
+    p.add_argument("--json", action="store_true", help="one JSON object per file")
+
     p = sub.add_parser("models", help="list known models and where they come from; `models prepare` converts them")
     _common(p)
     p.add_argument("action", nargs="?", choices=["list", "prepare"], default="list")
@@ -68,10 +81,25 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--manifest", required=True, type=Path, metavar="PATH", help="manifest.tsv of the speech data")
     b.add_argument("--repeat", type=int, default=3, help="runs per detector, for median and p90 cost")
     b.add_argument("--json-out", type=Path, metavar="FILE", help="also write the results as JSON")
+    b = bench.add_parser("asr", help="streaming recognition vs faster-whisper: WER, latency, hotwords")
+    _common(b)
+    b.add_argument("--manifest", required=True, type=Path, metavar="PATH", help="manifest.tsv of the speech data")
+    b.add_argument("--models", default="whisper:tiny.en,whisper:base", help="comma-separated Whisper models")
+    b.add_argument("--hotwords-file", type=Path, metavar="F",
+                   help="TSV of kind (target|distractor) and hotword (default: the bundled English list)")
+    b.add_argument("--limit", type=int, help="only the first N files (a quick look)")
+    b.add_argument("--out-dir", type=Path, default=Path("bench-out"), help="where report.md, asr.json and the plot go")
+
     b = bench.add_parser("pipeline", help="frame overhead per stage, VAD cost in the pipeline, idle CPU and memory")
     _common(b)
     b.add_argument("--repeat", type=int, default=5, help="runs, for median and p90")
     b.add_argument("--idle-seconds", type=float, default=10.0, help="real-time silence for the idle measurement")
+    b.add_argument("--json-out", type=Path, metavar="FILE", help="also write the results as JSON")
+    b = bench.add_parser("models", help="load time and memory, speed, and fp32 against int8 quality of every model")
+    _common(b)
+    b.add_argument("--repeat", type=int, help="runs per measurement, for median and p90 (default 5, 1 with --quick)")
+    b.add_argument("--quick", action="store_true", help="a smoke test: one run each, fewer WER files and LLM prompts")
+    b.add_argument("--manifest", type=Path, metavar="PATH", help="manifest.tsv of the speech data, for Whisper WER (skipped without it)")
     b.add_argument("--json-out", type=Path, metavar="FILE", help="also write the results as JSON")
     return parser
 
@@ -206,12 +234,36 @@ def cmd_bench_pipeline(args: argparse.Namespace, cfg: DuplexConfig) -> int:
     return 0
 
 
+def cmd_bench_models(args: argparse.Namespace, cfg: DuplexConfig) -> int:
+    from tqdm import tqdm
+
+    from . import bench_models, models
+
+    if args.repeat is not None and args.repeat < 1:
+        raise DuplexError("--repeat must be at least 1")
+    plan = bench_models.plan(args.repeat, args.quick)
+    resolver = models.resolver_for(cfg.models.cache_dir)
+    clips = bench_models.load_clips(args.manifest, plan.wer_files) if args.manifest else []
+    todo = bench_models.steps(resolver, plan, clips)
+    with tqdm(total=len(todo), desc="bench models", file=sys.stderr, leave=False) as bar:
+        def step(label: str) -> None:
+            bar.set_postfix_str(label)
+            bar.update()
+
+        results = bench_models.run(todo, plan, args.manifest, step)
+    print(bench_models.report(results))
+    if args.json_out:
+        args.json_out.write_text(json.dumps(results, indent=2))
+        print(f"wrote {args.json_out}")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace, cfg: DuplexConfig) -> int:
     from tqdm import tqdm
 
     from . import models
 
-    resolver = models.ModelResolver(models.ModelCache(Path(cfg.models.cache_dir) if cfg.models.cache_dir else None))
+    resolver = models.resolver_for(cfg.models.cache_dir)
     if args.action == "prepare":
         with tqdm(total=len(models.KNOWN), desc="preparing models", file=sys.stderr, leave=False) as bar:
             def step(name: str) -> None:
@@ -238,13 +290,85 @@ def cmd_models(args: argparse.Namespace, cfg: DuplexConfig) -> int:
     return 0
 
 
+def _read_hotwords(args: argparse.Namespace) -> tuple[str, ...]:
+    if args.hotwords:
+        return (args.hotwords,)
+    if args.hotwords_file:
+        try:
+            return (args.hotwords_file.read_text(encoding="utf-8"),)
+        except FileNotFoundError:
+            raise DuplexError(f"no such hotwords file: {args.hotwords_file}") from None
+        except UnicodeDecodeError:
+            raise DuplexError(f"hotwords file {args.hotwords_file} is not UTF-8 text") from None
+        except OSError as exc:
+            raise DuplexError(f"cannot read hotwords file {args.hotwords_file}: {exc.strerror}") from None
+    return ()
+
+
+def cmd_transcribe(args: argparse.Namespace, cfg: DuplexConfig) -> int:
+    from streaming.audio_file import open_audio
+
+    from . import models, transcribe
+
+    for f in args.files:
+        open_audio(f).close()
+    asr = transcribe.asr_config(cfg, args.language, args.task, _read_hotwords(args))
+    resolver = models.resolver_for(cfg.models.cache_dir)
+    bundle = resolver.whisper(args.model or cfg.models.asr, cfg.models.asr_precision)
+    if asr.task == "translate" and not bundle.multilingual:
+        raise DuplexError(f"{args.model or cfg.models.asr} is English-only and cannot translate; use --model whisper:base")
+    if bundle.multilingual and asr.language not in ("auto", *bundle.tokenizer.languages):
+        raise DuplexError(f"unknown language {asr.language!r}")
+    for f in args.files:
+        if args.offline:
+            result = transcribe.transcribe_offline(f, bundle, asr)
+        else:
+            result = transcribe.run_streaming(f, bundle, cfg, asr, args.pace)
+        if args.json:
+            print(json.dumps(result.as_dict()), flush=True)
+        else:
+            print(f"{f}: {result.text}", flush=True)
+    return 0
+
+
+def cmd_bench_asr(args: argparse.Namespace, cfg: DuplexConfig) -> int:
+    from tqdm import tqdm
+
+    from . import bench_asr, models
+
+    rows = bench_asr.load_rows(args.manifest, limit=args.limit)
+    hot_path = args.hotwords_file or bench_asr.DATA / "hotwords_en.tsv"
+    if not hot_path.exists():
+        raise DuplexError(f"no such hotwords file: {hot_path}")
+    targets, distractors = bench_asr.load_hotwords(hot_path)
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    resolver = models.resolver_for(cfg.models.cache_dir)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    with tqdm(total=len(names) * len(rows) * 5, desc="bench asr", file=sys.stderr, leave=False) as bar:
+        for name in names:
+            bundle = resolver.whisper(name, cfg.models.asr_precision)
+            ct2 = models.ct2_folder(name, resolver.cache)
+            results.append(bench_asr.bench_model(name, bundle, ct2, rows, cfg.asr, cfg.vad, targets, distractors, bar.update))
+    report = bench_asr.markdown(results)
+    bench_asr.plot(results, args.out_dir / "asr_latency.png")
+    (args.out_dir / "asr.json").write_text(json.dumps(bench_asr.strip_private(results), indent=1))
+    (args.out_dir / "asr.md").write_text(report + "\n")
+    print(report)
+    print(f"wrote {args.out_dir / 'asr.md'}, {args.out_dir / 'asr.json'}, {args.out_dir / 'asr_latency.png'}")
+    return 0
+
+
 _COMMANDS = {
+    "bench-asr": cmd_bench_asr,
+    "transcribe": cmd_transcribe,
     "models": cmd_models,
     "bench-pipeline": cmd_bench_pipeline,
     "devices": cmd_devices,
     "vad": cmd_vad,
     "listen": cmd_listen,
     "bench-vad": cmd_bench_vad,
+    "bench-models": cmd_bench_models,
 }
 
 if __name__ == "__main__":  # pragma: no cover

@@ -53,7 +53,7 @@ class ModelsConfig:
     #: speech recogniser: whisper:tiny.en, whisper:base, or a hub id
     asr: str = "whisper:tiny.en"
     #: numeric precision of Whisper on the CPU: fp32 or int8 (dynamic quantisation)
-    asr_precision: Literal["fp32", "int8"] = "fp32"
+    asr_precision: Literal["fp32", "int8"] = "int8"
     #: coordinator LLM: llm:smollm2-135m, or a hub id of an instruct model
     llm: str = "llm:smollm2-135m"
     #: numeric precision of the LLM on the CPU: fp32 or int8

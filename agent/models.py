@@ -11,6 +11,7 @@ import importlib.metadata
 import importlib.util
 import json
 import logging
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -235,6 +236,34 @@ class ModelResolver:
         from streaming.vad import SileroModel
 
         return SileroModel.shared()
+
+
+def ct2_folder(name: str, cache: ModelCache) -> Path:
+    """A folder CTranslate2 (faster-whisper) can load for an offline Whisper package: the peer
+    in our benchmarks runs on exactly our weights. Split models are joined once into the cache."""
+    spec = KNOWN.get(name)
+    if spec is None or spec.role != "asr":
+        raise DuplexError(f"{name} is not a known Whisper model")
+    files = _offline_files(spec)
+    if len(files["parts"]) == 1:
+        return files["assets"]
+
+    def build(out: Path) -> None:
+        with open(out / "model.bin", "wb") as dst:
+            for part in files["parts"]:
+                with open(part, "rb") as src:
+                    shutil.copyfileobj(src, dst, 1 << 22)
+        for f in files["assets"].iterdir():
+            if f.suffix in (".json", ".txt"):
+                shutil.copyfile(f, out / f.name)
+
+    key, source = f"ct2-{name.replace(':', '-')}", _package_version(spec)
+    return cache.load(key, source) or cache.store(key, source, build)
+
+
+def resolver_for(cache_dir: str = "") -> ModelResolver:
+    """The resolver for a config's ``models.cache_dir`` ("" = the per-user default)."""
+    return ModelResolver(ModelCache(Path(cache_dir) if cache_dir else None))
 
 
 # ------------------------------------------------------------------------------------- listing

@@ -147,7 +147,9 @@ def load_folder(folder: Path, source: str, precision: str = "fp32") -> ChatLLM:
     if tok.chat_template is None:
         raise DuplexError(f"the LLM in {folder} has no chat template; the coordinator needs an instruct model")
     if precision == "int8":
-        model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+        from streaming.models.quantize import quantize_int8
+
+        model = quantize_int8(model)
     elif precision != "fp32":
         raise DuplexError(f"unknown LLM precision {precision!r} (fp32 or int8)")
     return ChatLLM(model, tok, source, precision)

@@ -30,6 +30,8 @@ from .hotwords import HotwordBoost, parse_hotwords, prompt_text
 
 log = logging.getLogger(__name__)
 
+MAX_ENCODE_S = 29.5  # Whisper's encoder sees 30 s at most
+
 
 @dataclass(frozen=True)
 class ASRConfig:
@@ -51,8 +53,8 @@ class ASRConfig:
     preroll_ms: Annotated[float, Field(ge=0, le=2000)] = 200.0
     #: tokens of earlier text carried into the decoder prompt as context
     context_tokens: Annotated[int, Field(ge=0, le=200)] = 64
-    #: cap on generated tokens per second of audio (stops hallucination loops early)
-    max_tokens_per_second: Annotated[float, Field(gt=0)] = 12.0
+    #: cap on text tokens per second of audio (fast speech is about 5; stops hallucinations early)
+    max_tokens_per_second: Annotated[float, Field(gt=0)] = 7.0
     #: words and phrases to favour (also settable at run time)
     hotwords: tuple[str, ...] = ()
     #: logit boost for tokens that continue a hotword already begun
@@ -130,6 +132,10 @@ class StreamingRecognizer:
                 state.buf_start += drop / INTERNAL_RATE
             return []
         end = self._buf_end(state)
+        overdue = end - state.window_start > self.config.max_window_s + 5
+        if overdue:
+            # even when behind real time the window must not outgrow what Whisper can see
+            return self._partial(state, end)
         if not hypothesise or (end - state.last_decode_end) * 1000 < self.config.step_ms:
             return []
         return self._partial(state, end)
@@ -203,7 +209,9 @@ class StreamingRecognizer:
         filters = [self._suppress]
         if s.biaser:
             filters.append(s.biaser)
-        budget = int(self.config.max_tokens_per_second * seconds) + 8
+        # the whole window's text may hold at most this many tokens: a hypothesis longer than
+        # speech can be is a hallucination, and capping it bounds the cost of a bad step
+        budget = max(4, int(self.config.max_tokens_per_second * seconds) + 4 - len(s.committed))
         s.decodes += 1
         return decode(self.m.model, tok, feats, prompt, s.committed, filters, max_tokens=budget)
 
@@ -281,10 +289,15 @@ class StreamingRecognizer:
         return [frame]
 
     def _final(self, s: ASRState, end: float, continued: bool) -> list[Frame]:
+        out: list[Frame] = []
+        while end - s.window_start > MAX_ENCODE_S:
+            # a window Whisper cannot see at once (only after a long stretch without
+            # hypotheses): close it in pieces
+            out += self._final(s, s.window_start + self.config.max_window_s, continued=True)
         audio = self._window(s, end)
         if len(audio) < self.config.min_utterance_ms / 1000 * INTERNAL_RATE:
             s.committed, s.committed_logprobs, s.history = [], [], []
-            return []
+            return out
         feats, real = self._encode(audio)
         d = self._decode(s, feats, len(audio) / INTERNAL_RATE)
         tokens = s.committed + d.tokens
@@ -301,7 +314,7 @@ class StreamingRecognizer:
         if continued:
             s.window_start = end
             s.last_decode_end = end
-        return [frame] if text else []
+        return out + ([frame] if text else [])
 
 
 @torch.inference_mode()

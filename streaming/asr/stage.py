@@ -21,6 +21,13 @@ class ASRStage(Stage):
         self.recognizer = recognizer
         self.state = recognizer.init_state()
 
+    def init_worker(self) -> None:
+        # one intra-op thread: on 2 shared cores a second OpenMP thread only helps an idle machine
+        # and slows every step 10x or more once another model or process competes (measured)
+        import torch
+
+        torch.set_num_threads(1)
+
     async def process(self, frame: Frame) -> None:
         rec = self.recognizer
         if isinstance(frame, AudioFrame):

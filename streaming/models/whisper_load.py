@@ -21,6 +21,7 @@ from ..errors import DuplexError
 from .ct2 import read_ct2
 from .whisper import Whisper, WhisperDims
 from .whisper_ct2 import convert
+from .quantize import quantize_int8
 from .whisper_text import DecodeRules, WhisperTokenizer
 
 log = logging.getLogger(__name__)
@@ -98,9 +99,3 @@ def load_folder(folder: Path, source: str, precision: str = "fp32") -> WhisperBu
         source=source,
         precision=precision,
     )
-
-
-def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
-    """Dynamic int8 quantisation of every ``nn.Linear`` (weights int8, activations quantised on
-    the fly); the tied output projection stays fp32 because it is a matmul, not a Linear."""
-    return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
