@@ -224,6 +224,9 @@ def pct(values: list[float]) -> dict:
 
 def bench_model(name: str, bundle, ct2_dir: Path, rows: list[Row], asr: ASRConfig, vad_cfg: VADConfig,
                 targets: list[str], distractors: list[str], progress=None) -> dict:
+    import torch
+
+    torch.set_num_threads(1)  # as the ASR stage's worker thread runs it
     audio = [read_audio(r.path) for r in rows]
     refs = [normalize(r.reference) for r in rows]
     hot = ", ".join(targets + distractors)

@@ -59,7 +59,10 @@ class HotwordBoost:
         self.max_len = 0
         self.hotwords = tuple(hotwords)
         for w in self.hotwords:
-            for spelling in {w, w.lower(), w[:1].upper() + w[1:]}:
+            # the user's spelling is the one to favour; a lower-case entry may also start a
+            # sentence capitalised
+            spellings = {w, w[:1].upper() + w[1:]} if w[:1].islower() else {w}
+            for spelling in spellings:
                 for variant in (" " + spelling, spelling):
                     ids = tokenizer.encode(variant)
                     if not ids:

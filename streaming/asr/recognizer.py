@@ -45,8 +45,11 @@ class ASRConfig:
     task: Literal["transcribe", "translate"] = "transcribe"
     #: windows longer than this are cut after the last stable word, s (Whisper sees at most 30 s)
     max_window_s: Annotated[float, Field(ge=5, le=28)] = 20.0
-    #: the encoder input is zero-padded to at least this many seconds (0 = only the real audio)
-    min_encode_s: Annotated[float, Field(ge=0, le=30)] = 0.0
+    #: partial hypotheses: encoder input zero-padded to at least this many seconds (0 = only the
+    #: real audio); padding costs encoder time but Whisper, trained on 30 s windows, errs less
+    min_encode_s: Annotated[float, Field(ge=0, le=30)] = 10.0
+    #: the final pass: encoder input zero-padded to at least this many seconds
+    final_min_encode_s: Annotated[float, Field(ge=0, le=30)] = 10.0
     #: utterances shorter than this are ignored (clicks), ms
     min_utterance_ms: Annotated[float, Field(ge=0)] = 100.0
     #: audio kept before VAD's speech start, ms (VAD already pads its own estimate)
@@ -189,9 +192,10 @@ class StreamingRecognizer:
         s.buf_start += drop / INTERNAL_RATE
 
     @torch.inference_mode()
-    def _encode(self, audio: np.ndarray) -> tuple[torch.Tensor, int]:
+    def _encode(self, audio: np.ndarray, final: bool = False) -> tuple[torch.Tensor, int]:
         """Encoder output for ``audio`` and the number of positions that hold real audio."""
-        pad_to = int(self.config.min_encode_s * INTERNAL_RATE) or None
+        pad_s = self.config.final_min_encode_s if final else self.config.min_encode_s
+        pad_to = int(pad_s * INTERNAL_RATE) or None
         mel = log_mel(audio, self.m.dims.n_mels, pad_to=pad_to)
         real = min(mel.shape[-1], (len(audio) // 160)) // 2 + 1
         return self.m.model.encode(mel), real
@@ -298,7 +302,7 @@ class StreamingRecognizer:
         if len(audio) < self.config.min_utterance_ms / 1000 * INTERNAL_RATE:
             s.committed, s.committed_logprobs, s.history = [], [], []
             return out
-        feats, real = self._encode(audio)
+        feats, real = self._encode(audio, final=True)
         d = self._decode(s, feats, len(audio) / INTERNAL_RATE)
         tokens = s.committed + d.tokens
         logprobs = s.committed_logprobs + d.logprobs

@@ -1,0 +1,211 @@
+"""Streaming recognition on real recordings: stable partials, finals, word times, hotwords,
+long speech and bad input. Real Whisper weights; the recogniser core is driven directly (it is
+synchronous), and the CLI end to end."""
+
+import json
+import re
+import subprocess
+
+import numpy as np
+import pytest
+
+from agent.models import ModelResolver
+from fixtures import asterisk, librivox
+from streaming.asr.hotwords import HotwordBoost, parse_hotwords
+from streaming.asr.recognizer import ASRConfig, StreamingRecognizer
+from streaming.audio_file import read_audio
+from streaming.frames import FinalText, PartialText, SpeechEnded, SpeechStarted
+from streaming.vad import TwoStageVAD
+
+RATE = 16000
+
+
+def words(text):
+    return re.sub(r"[^a-z0-9' ]", " ", text.lower().replace("-", " ")).split()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return ModelResolver().whisper("whisper:tiny.en")
+
+
+def stream(rec, audio, block=320):
+    vad = TwoStageVAD()
+    vad_state, rs = vad.init_state(), rec.init_state()
+    out = []
+    for i in range(0, len(audio), block):
+        chunk = audio[i : i + block]
+        for e in vad.step(vad_state, chunk, i / RATE):
+            if isinstance(e, SpeechStarted):
+                rec.start(rs, e.pts)
+            elif isinstance(e, SpeechEnded):
+                out += rec.end(rs, e.pts)
+        out += rec.push(rs, chunk, i / RATE)
+    out += rec.finish(rs)
+    return out, rs
+
+
+def test_partials_grow_stably_and_the_final_keeps_them(tiny):
+    audio = np.concatenate([np.zeros(8000, np.float32), read_audio(librivox("0870")), np.zeros(16000, np.float32)])
+    out, state = stream(StreamingRecognizer(tiny, ASRConfig()), audio)
+    partials = [f for f in out if isinstance(f, PartialText)]
+    finals = [f for f in out if isinstance(f, FinalText)]
+    assert len(finals) == 1 and len(partials) >= 10
+    stables = [p.stable for p in partials]
+    for a, b in zip(stables, stables[1:]):
+        assert b.startswith(a), "stable text only ever grows"
+    assert finals[0].text.startswith(stables[-1].strip())
+    assert len(words(stables[-1])) >= 10, "most words are stable before the end"
+    ref = "and mister john dashwood had then leisure to consider how much there might be prudently in his power to do for them"
+    import jiwer
+
+    assert jiwer.wer(ref, " ".join(words(finals[0].text)).replace("mr ", "mister ")) <= 0.2
+
+
+def test_word_times_fall_on_the_speech(tiny):
+    speech = read_audio(asterisk("demo-thanks"))
+    audio = np.concatenate([np.zeros(RATE, np.float32), speech, np.zeros(RATE, np.float32)])
+    out, _ = stream(StreamingRecognizer(tiny, ASRConfig()), audio)
+    final = next(f for f in out if isinstance(f, FinalText))
+    ws = final.words
+    assert [w.word.strip(".,").lower() for w in ws][:3] == ["goodbye", "thank", "you"]
+    assert all(a.start <= b.start for a, b in zip(ws, ws[1:]))
+    assert all(0.0 <= w.probability <= 1.0 for w in ws)
+    # "Goodbye" starts after the second of leading silence; "PBX" ends before the trailing one
+    assert 0.9 <= ws[0].start <= 1.6 and ws[-1].end <= 1.0 + len(speech) / RATE + 0.3
+
+
+def test_two_utterances_two_finals_with_context(tiny):
+    a, b = read_audio(librivox("0880")), read_audio(librivox("0890"))
+    audio = np.concatenate([np.zeros(8000, np.float32), a, np.zeros(RATE, np.float32), b, np.zeros(RATE, np.float32)])
+    out, state = stream(StreamingRecognizer(tiny, ASRConfig()), audio)
+    finals = [f for f in out if isinstance(f, FinalText)]
+    assert [f.utterance for f in finals] == [1, 2]
+    assert "young man" in finals[0].text.lower() and "selfish" in finals[1].text.lower()
+    assert finals[0].pts <= finals[1].start
+
+
+def test_long_speech_is_cut_at_stable_words_and_cost_stays_flat(tiny):
+    # 70 s of continuous speech without a pause long enough for VAD to end the utterance
+    clips = [read_audio(librivox(u)) for u in ("0870", "0880", "0890", "0920", "0930")]
+    speech = np.concatenate([np.concatenate([c, np.zeros(1600, np.float32)]) for c in clips] * 3)
+    rec = StreamingRecognizer(tiny, ASRConfig(max_window_s=12.0))
+    rs = rec.init_state()
+    rec.start(rs, 0.0)
+    out = []
+    for i in range(0, len(speech), 320):
+        out += rec.push(rs, speech[i : i + 320], i / RATE)
+    out += rec.finish(rs)
+    finals = [f for f in out if isinstance(f, FinalText)]
+    assert sum(f.continued for f in finals) >= 3, "the window was cut at committed words"
+    assert len(rs.buf) / RATE < 12.0 + 8.0, "the audio buffer is trimmed"
+    steps = rs.step_seconds
+    early, late = np.median(steps[5:25]), np.median(steps[-20:])
+    assert late < early * 3.0, (early, late)
+    text = " ".join(f.text for f in finals).lower()
+    assert text.count("ill disposed") + text.count("ill-disposed") >= 2
+
+
+@pytest.mark.parametrize(
+    "name,signal",
+    [
+        ("silence", np.zeros(3 * RATE, np.float32)),
+        ("noise", (np.random.default_rng(0).standard_normal(3 * RATE) * 0.05).astype(np.float32)),
+        ("blip", np.concatenate([np.zeros(RATE, np.float32), np.full(800, 0.5, np.float32), np.zeros(RATE, np.float32)])),
+        ("clipped", np.clip(read_audio(librivox("0880")) * 20, -1, 1)),
+    ],
+)
+def test_bad_audio_never_crashes(tiny, name, signal):
+    out, _ = stream(StreamingRecognizer(tiny, ASRConfig()), signal)
+    finals = [f for f in out if isinstance(f, FinalText)]
+    if name in ("silence", "noise", "blip"):
+        assert not any(len(words(f.text)) > 3 for f in finals), finals
+    else:
+        assert finals
+
+
+def test_forced_start_and_end_without_vad(tiny):
+    rec = StreamingRecognizer(tiny, ASRConfig())
+    rs = rec.init_state()
+    with pytest.raises(ValueError, match="init_state"):
+        rec.push(None, np.zeros(320, np.float32), 0.0)
+    rec.start(rs, 0.0)
+    audio = read_audio(asterisk("demo-thanks"))
+    for i in range(0, len(audio), 320):
+        rec.push(rs, audio[i : i + 320], i / RATE)
+    final = rec.end(rs, len(audio) / RATE)
+    assert "thank you for trying" in final[0].text.lower()
+
+
+def test_hotword_parsing_handles_messy_lists():
+    assert parse_hotwords(["Asterisk, PBX\n\n  asterisk ,Cafe\u0301 ", "  ", "café", "Dashwood"]) == ("Asterisk", "PBX", "Café", "Dashwood")
+
+
+def test_hotwords_help_and_unspoken_ones_do_not_leak(tiny):
+    audio = np.concatenate([read_audio(librivox("0870")), np.zeros(RATE, np.float32)])
+    plain, _ = stream(StreamingRecognizer(tiny, ASRConfig()), audio)
+    distractors = ("Kubernetes", "Zanzibar", "Quetzalcoatl", "Reykjavik", "Tchaikovsky", "Mozambique")
+    biased, _ = stream(StreamingRecognizer(tiny, ASRConfig(hotwords=("Dashwood", *distractors))), audio)
+    text = " ".join(f.text for f in biased if isinstance(f, FinalText))
+    assert "Dashwood" in text
+    for d in distractors:
+        assert d.lower() not in text.lower()
+    plain_text = " ".join(f.text for f in plain if isinstance(f, FinalText))
+    assert len(words(text)) == pytest.approx(len(words(plain_text)), abs=2)
+
+
+def test_hotwords_change_at_run_time(tiny):
+    rec = StreamingRecognizer(tiny, ASRConfig())
+    rs = rec.init_state()
+    assert not rs.biaser
+    rec.set_hotwords(rs, ["Dashwood"])
+    assert rs.biaser and rs.hotwords == ("Dashwood",)
+    boost = HotwordBoost(tiny.tokenizer, ["Dashwood"])
+    import torch
+
+    first = tiny.tokenizer.encode(" Dashwood")
+    assert len(first) > 1
+    plausible = torch.zeros(tiny.dims.n_vocab)
+    plausible[first] = 5.0  # the model finds these tokens plausible (above the gate)
+    at_start = plausible.clone()
+    boost.apply(at_start, [])
+    assert at_start[first[0]] == 5.0 + boost.start_boost
+    inside = plausible.clone()
+    boost.apply(inside, first[:1])
+    assert inside[first[1]] == 5.0 + boost.boost, "a begun hotword is boosted harder"
+    implausible = torch.zeros(tiny.dims.n_vocab)
+    boost.apply(implausible, [])
+    assert implausible[first[0]] == 0.0, "no boost where the model itself sees no chance (gate)"
+
+
+def test_transcribe_cli_streaming_and_offline(duplex_bin, tmp_path):
+    hot = tmp_path / "hot.txt"
+    hot.write_text("Asterisk\n\nPBX\nasterisk\n", encoding="utf-8")
+    r = subprocess.run(
+        [str(duplex_bin), "transcribe", "--json", "--pace", "fast", "--hotwords-file", str(hot), str(asterisk("demo-thanks"))],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    obj = json.loads(r.stdout)
+    assert set(obj) == {"file", "text", "language", "words", "audio_seconds", "processing_seconds", "final_latency_ms"}
+    assert "Asterisk" in obj["text"] and "PBX" in obj["text"]
+    assert obj["words"] and {"word", "start", "end", "probability"} == set(obj["words"][0])
+    r = subprocess.run([str(duplex_bin), "transcribe", "--offline", str(librivox("0880"))], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "young man" in r.stdout.lower()
+    r = subprocess.run([str(duplex_bin), "transcribe", "--task", "translate", str(librivox("0880"))], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "cannot translate" in r.stderr
+    r = subprocess.run([str(duplex_bin), "transcribe", "--hotwords-file", str(tmp_path / "nope.txt"), str(librivox("0880"))],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "no such hotwords file" in r.stderr
+
+
+def test_telephone_audio(duplex_bin, tmp_path):
+    """8 kHz, 8-bit telephone audio is converted and recognised."""
+    import soundfile as sf
+    import soxr
+
+    x = soxr.resample(read_audio(librivox("0880")), RATE, 8000)
+    p = tmp_path / "tel.wav"
+    sf.write(p, x, 8000, subtype="PCM_U8")
+    r = subprocess.run([str(duplex_bin), "transcribe", "--pace", "fast", str(p)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "young man" in r.stdout.lower(), r.stdout + r.stderr
