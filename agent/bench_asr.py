@@ -331,3 +331,46 @@ def strip_private(results: list[dict]) -> list[dict]:
     return [{k: ({kk: vv for kk, vv in v.items() if not kk.startswith("_")} if isinstance(v, dict) else v)
              for k, v in r.items()} for r in results]
 
+
+
+def monologue(bundle, rows: list[Row], asr: ASRConfig, minutes: float = 10.0) -> dict:
+    """A long monologue (the manifest's speech joined with 150 ms gaps, too short for VAD to end
+    the utterance) streamed with one open utterance: step time and memory per minute."""
+    import resource
+
+    import torch
+
+    torch.set_num_threads(1)
+    pieces, total = [], 0
+    gap = np.zeros(2400, dtype=np.float32)
+    while total < minutes * 60 * 16000:
+        for r in rows:
+            a = read_audio(r.path)
+            pieces += [a, gap]
+            total += len(a) + len(gap)
+            if total >= minutes * 60 * 16000:
+                break
+    audio = np.concatenate(pieces)
+    rec = StreamingRecognizer(bundle, asr)
+    state = rec.init_state()
+    rec.start(state, 0.0)
+    per_minute: dict[int, list[float]] = {}
+    rss: dict[int, float] = {}
+    finals = 0
+    for i in range(0, len(audio), BLOCK):
+        t = time.perf_counter()
+        out = rec.push(state, audio[i : i + BLOCK], i / 16000)
+        dt = time.perf_counter() - t
+        minute = int(i / 16000 // 60)
+        if any(isinstance(f, PartialText) for f in out):
+            per_minute.setdefault(minute, []).append(dt * 1000)
+        finals += sum(isinstance(f, FinalText) for f in out)
+        rss[minute] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    finals += len(rec.finish(state))
+    return {
+        "minutes": round(len(audio) / 16000 / 60, 2),
+        "step_ms_by_minute": {m: pct(v) for m, v in sorted(per_minute.items())},
+        "peak_rss_mb_by_minute": rss,
+        "buffer_seconds_at_end": round(len(state.buf) / 16000, 2),
+        "final_segments": finals,
+    }

@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TSV of kind (target|distractor) and hotword (default: the bundled English list)")
     b.add_argument("--limit", type=int, help="only the first N files (a quick look)")
     b.add_argument("--out-dir", type=Path, default=Path("bench-out"), help="where report.md, asr.json and the plot go")
+    b.add_argument("--monologue-minutes", type=float, default=0.0,
+                   help="instead: stream one unbroken monologue this long and report step time and memory per minute")
 
     b = bench.add_parser("pipeline", help="frame overhead per stage, VAD cost in the pipeline, idle CPU and memory")
     _common(b)
@@ -344,6 +346,16 @@ def cmd_bench_asr(args: argparse.Namespace, cfg: DuplexConfig) -> int:
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     resolver = models.resolver_for(cfg.models.cache_dir)
     args.out_dir.mkdir(parents=True, exist_ok=True)
+    if args.monologue_minutes > 0:
+        out = {n: bench_asr.monologue(resolver.whisper(n, cfg.models.asr_precision), rows, cfg.asr, args.monologue_minutes)
+               for n in names}
+        for n, r in out.items():
+            print(f"{n}: {r['minutes']} min, {r['final_segments']} final segments, buffer at end {r['buffer_seconds_at_end']} s")
+            print("| minute | partial step p50 ms | p90 ms | peak RSS MB |\n|---|---|---|---|")
+            for m, st in r["step_ms_by_minute"].items():
+                print(f"| {m + 1} | {st['p50']:.0f} | {st['p90']:.0f} | {r['peak_rss_mb_by_minute'][m]:.0f} |")
+        (args.out_dir / "monologue.json").write_text(json.dumps(out, indent=1))
+        return 0
     results = []
     with tqdm(total=len(names) * len(rows) * 5, desc="bench asr", file=sys.stderr, leave=False) as bar:
         for name in names:
