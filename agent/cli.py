@@ -206,6 +206,15 @@ def cmd_listen(args: argparse.Namespace, cfg: DuplexConfig) -> int:
     return 0
 
 
+def _report(text: str, results: dict, json_out: Path | None) -> int:
+    """Print a benchmark's markdown and, if asked, write its results as JSON."""
+    print(text)
+    if json_out:
+        json_out.write_text(json.dumps(results, indent=2))
+        print(f"wrote {json_out}")
+    return 0
+
+
 def cmd_bench_vad(args: argparse.Namespace, cfg: DuplexConfig) -> int:
     from tqdm import tqdm
 
@@ -216,11 +225,7 @@ def cmd_bench_vad(args: argparse.Namespace, cfg: DuplexConfig) -> int:
     items = bench_vad.load_items(args.manifest)
     with tqdm(total=len(bench_vad.MODES) * args.repeat, desc="bench vad", file=sys.stderr, leave=False) as bar:
         results = bench_vad.bench(args.manifest, items, cfg.vad, repeat=args.repeat, progress=lambda *_: bar.update())
-    print(bench_vad.markdown(results))
-    if args.json_out:
-        args.json_out.write_text(json.dumps(results, indent=2))
-        print(f"wrote {args.json_out}")
-    return 0
+    return _report(bench_vad.markdown(results), results, args.json_out)
 
 
 def cmd_bench_pipeline(args: argparse.Namespace, cfg: DuplexConfig) -> int:
@@ -229,11 +234,7 @@ def cmd_bench_pipeline(args: argparse.Namespace, cfg: DuplexConfig) -> int:
     if args.repeat < 1:
         raise DuplexError("--repeat must be at least 1")
     results = bench_pipeline.bench(cfg.vad, repeat=args.repeat, idle_seconds=args.idle_seconds)
-    print(bench_pipeline.report(results))
-    if args.json_out:
-        args.json_out.write_text(json.dumps(results, indent=2))
-        print(f"wrote {args.json_out}")
-    return 0
+    return _report(bench_pipeline.report(results), results, args.json_out)
 
 
 def cmd_bench_models(args: argparse.Namespace, cfg: DuplexConfig) -> int:
@@ -253,11 +254,7 @@ def cmd_bench_models(args: argparse.Namespace, cfg: DuplexConfig) -> int:
             bar.update()
 
         results = bench_models.run(todo, plan, args.manifest, step)
-    print(bench_models.report(results))
-    if args.json_out:
-        args.json_out.write_text(json.dumps(results, indent=2))
-        print(f"wrote {args.json_out}")
-    return 0
+    return _report(bench_models.report(results), results, args.json_out)
 
 
 def cmd_models(args: argparse.Namespace, cfg: DuplexConfig) -> int:
