@@ -101,20 +101,35 @@ def replay(recognizer: StreamingRecognizer, vad: TwoStageVAD, audio: np.ndarray)
     """One file through VAD + recogniser on the compute-accounting virtual clock."""
     rs, vs = recognizer.init_state(), vad.init_state()
     busy = 0.0  # virtual time at which the worker is free
-    finals: list[tuple[float, FinalText]] = []
-    stable_count: list[tuple[float, int]] = []  # (time, committed words so far) per utterance
-    committed = 0
+    # finals with the (utterance, segment) their words were committed in; a long utterance is cut
+    # into segments, and the committed-word count restarts with each
+    finals: list[tuple[float, FinalText, tuple[int, int]]] = []
+    stable_count: list[tuple[float, int, tuple[int, int]]] = []
+    committed, segment = 0, 0
     latencies: list[float] = []
     compute = 0.0
     steps: list[float] = []
 
     def run(fn, *args):
-        nonlocal busy, compute
+        nonlocal compute
         t = time.perf_counter()
         out = fn(*args)
         dt = time.perf_counter() - t
         compute += dt
         return out, dt
+
+    def take(frames, now: float, dt: float) -> None:
+        nonlocal committed, segment
+        for f in frames:
+            if isinstance(f, PartialText):
+                steps.append(dt)
+                committed += len(f.new_stable_words)
+                stable_count.append((now, committed, (f.utterance, segment)))
+            elif isinstance(f, FinalText):
+                finals.append((now, f, (f.utterance, segment)))
+                if f.continued:
+                    segment += 1
+                    committed = 0
 
     for i in range(0, len(audio), BLOCK):
         chunk = audio[i : i + BLOCK]
@@ -126,39 +141,31 @@ def replay(recognizer: StreamingRecognizer, vad: TwoStageVAD, audio: np.ndarray)
         for e in events:
             if isinstance(e, SpeechStarted):
                 recognizer.start(rs, e.pts)
-                committed = 0
+                committed, segment = 0, 0
             elif isinstance(e, SpeechEnded):
                 out, dt = run(recognizer.end, rs, e.pts)
                 now += dt
-                for f in out:
-                    finals.append((now, f))
+                take(out, now, dt)
+                if out:
                     latencies.append(now - max(e.detected_at, e.pts))
         out, dt = run(recognizer.push, rs, chunk, i / 16000, not behind)
         now += dt
-        for f in out:
-            if isinstance(f, PartialText):
-                steps.append(dt)
-                committed += len(f.new_stable_words)
-                stable_count.append((now, committed, f.utterance))
-            elif isinstance(f, FinalText):
-                finals.append((now, f))
+        take(out, now, dt)
         busy = now
     end = len(audio) / 16000
     now = max(end, busy)
     out, dt = run(recognizer.finish, rs)
-    for f in out:
-        finals.append((now + dt, f))
+    take(out, now + dt, dt)
+    if out:
         latencies.append(now + dt - end)
     # when did each final word first become stable?
     delays = []
-    for t_final, f in finals:
-        if f.continued:
-            continue
-        counts = [(t, n) for t, n, u in stable_count if u == f.utterance]
+    for t_final, f, key in finals:
+        counts = [(t, n) for t, n, k in stable_count if k == key]
         for k, w in enumerate(f.words):
             first = next((t for t, n in counts if n > k), t_final)
             delays.append(first - w.end)
-    text = " ".join(f.text for _, f in finals)
+    text = " ".join(f.text for _, f, _ in finals)
     return StreamRun(text, latencies[-1] if latencies else None, delays, compute, end, steps)
 
 

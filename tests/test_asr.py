@@ -209,3 +209,24 @@ def test_telephone_audio(duplex_bin, tmp_path):
     sf.write(p, x, 8000, subtype="PCM_U8")
     r = subprocess.run([str(duplex_bin), "transcribe", "--pace", "fast", str(p)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "young man" in r.stdout.lower(), r.stdout + r.stderr
+
+
+def test_chunk_cached_encoder(tiny):
+    """One chunk is exactly the full encoder; growing chunks reuse the cache and still transcribe."""
+    import torch
+
+    from streaming.models.whisper import EncoderCache, log_mel
+
+    x = read_audio(librivox("0870"))
+    enc = tiny.model.encoder
+    with torch.inference_mode():
+        full = enc(log_mel(x).unsqueeze(0))
+        assert torch.equal(enc.forward_cached(log_mel(x).unsqueeze(0), EncoderCache()), full)
+        cache = EncoderCache()
+        for end in range(6400, len(x) + 6400, 6400):
+            out = enc.forward_cached(log_mel(x[:end]).unsqueeze(0), cache)
+        assert out.shape == full.shape and cache.positions >= full.shape[1] - 1
+    audio = np.concatenate([np.zeros(8000, np.float32), read_audio(asterisk("demo-thanks")), np.zeros(RATE, np.float32)])
+    out, _ = stream(StreamingRecognizer(tiny, ASRConfig(encoder="cached")), audio)
+    text = " ".join(f.text for f in out if isinstance(f, FinalText)).lower()
+    assert "thank you for trying" in text, text

@@ -22,7 +22,7 @@ import torch
 from pydantic import Field
 
 from ..frames import INTERNAL_RATE, FinalText, Frame, PartialText
-from ..models.whisper import log_mel
+from ..models.whisper import EncoderCache, log_mel
 from ..models.whisper_load import WhisperBundle
 from .alignment import SECONDS_PER_POSITION, group_words, warm_up_alignment, word_timings
 from .decoder import Decoded, build_prompt, decode, rules_filter
@@ -45,7 +45,10 @@ class ASRConfig:
     task: Literal["transcribe", "translate"] = "transcribe"
     #: windows longer than this are cut after the last stable word, s (Whisper sees at most 30 s)
     max_window_s: Annotated[float, Field(ge=5, le=28)] = 20.0
-    #: partial hypotheses: encoder input zero-padded to at least this many seconds (0 = only the
+    #: "window": re-encode the whole utterance window each step; "cached": keep earlier chunks'
+    #: keys and values and encode only the new audio (cheaper, but earlier audio never sees later)
+    encoder: Literal["window", "cached"] = "window"
+    #: partial hypotheses ("window" encoder): encoder input zero-padded to at least this many seconds (0 = only the
     #: real audio); padding costs encoder time but Whisper, trained on 30 s windows, errs less
     min_encode_s: Annotated[float, Field(ge=0, le=30)] = 10.0
     #: the final pass: encoder input zero-padded to at least this many seconds
@@ -83,6 +86,7 @@ class ASRState:
     history: list[list[int]] = field(default_factory=list)  # recent hypotheses
     context: list[int] = field(default_factory=list)
     language: str | None = None
+    enc_cache: EncoderCache | None = None  # the "cached" encoder's state for the current window
     hotwords: tuple[str, ...] = ()
     biaser: HotwordBoost | None = None
     hotword_prompt: list[int] = field(default_factory=list)
@@ -153,6 +157,7 @@ class StreamingRecognizer:
         state.window_start = max(start, state.buf_start if state.buf_start is not None else start)
         state.last_decode_end = state.window_start
         state.committed, state.committed_logprobs, state.history = [], [], []
+        state.enc_cache = EncoderCache()
         if self.config.language == "auto" or not self.m.multilingual:
             state.language = None if self.m.multilingual else "en"
         else:
@@ -192,8 +197,14 @@ class StreamingRecognizer:
         s.buf_start += drop / INTERNAL_RATE
 
     @torch.inference_mode()
-    def _encode(self, audio: np.ndarray, final: bool = False) -> tuple[torch.Tensor, int]:
-        """Encoder output for ``audio`` and the number of positions that hold real audio."""
+    def _encode(self, s: ASRState, audio: np.ndarray, final: bool = False) -> tuple[torch.Tensor, int]:
+        """Encoder output for ``audio`` (the window) and the number of positions of real audio."""
+        if self.config.encoder == "cached":
+            if s.enc_cache is None:
+                s.enc_cache = EncoderCache()
+            mel = log_mel(audio, self.m.dims.n_mels).unsqueeze(0)
+            feats = self.m.model.encoder.forward_cached(mel, s.enc_cache)
+            return feats, feats.shape[1]
         pad_s = self.config.final_min_encode_s if final else self.config.min_encode_s
         pad_to = int(pad_s * INTERNAL_RATE) or None
         mel = log_mel(audio, self.m.dims.n_mels, pad_to=pad_to)
@@ -225,7 +236,7 @@ class StreamingRecognizer:
         t0 = time.perf_counter()
         audio = self._window(s, end)
         s.last_decode_end = end
-        feats, _ = self._encode(audio)
+        feats, _ = self._encode(s, audio)
         d = self._decode(s, feats, len(audio) / INTERNAL_RATE)
         hyp = s.committed + d.tokens
         s.history = (s.history + [hyp])[-self.config.agreement :]
@@ -289,6 +300,7 @@ class StreamingRecognizer:
         s.context = (s.context + s.committed)[-200:]
         s.committed, s.committed_logprobs, s.history = [], [], []
         s.window_start = cut_at
+        s.enc_cache = EncoderCache()
         self._trim_to(s, cut_at - 0.05)
         return [frame]
 
@@ -302,7 +314,7 @@ class StreamingRecognizer:
         if len(audio) < self.config.min_utterance_ms / 1000 * INTERNAL_RATE:
             s.committed, s.committed_logprobs, s.history = [], [], []
             return out
-        feats, real = self._encode(audio, final=True)
+        feats, real = self._encode(s, audio, final=True)
         d = self._decode(s, feats, len(audio) / INTERNAL_RATE)
         tokens = s.committed + d.tokens
         logprobs = s.committed_logprobs + d.logprobs
@@ -318,6 +330,7 @@ class StreamingRecognizer:
         if continued:
             s.window_start = end
             s.last_decode_end = end
+            s.enc_cache = EncoderCache()
         return out + ([frame] if text else [])
 
 

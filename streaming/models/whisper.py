@@ -164,6 +164,21 @@ class DecoderLayer(nn.Module):
         self.final_layer_norm = nn.LayerNorm(d)
 
 
+@dataclass
+class EncoderCache:
+    """Chunk-cached encoding state: per layer, the keys and values of positions already final,
+    and the encoder output for them. Later chunks attend to these instead of recomputing them
+    (earlier positions never see later audio: an approximation of Whisper's full attention)."""
+
+    k: list[torch.Tensor] = field(default_factory=list)
+    v: list[torch.Tensor] = field(default_factory=list)
+    out: torch.Tensor | None = None
+
+    @property
+    def positions(self) -> int:
+        return 0 if self.out is None else int(self.out.shape[1])
+
+
 class Encoder(nn.Module):
     def __init__(self, dims: WhisperDims) -> None:
         super().__init__()
@@ -185,6 +200,43 @@ class Encoder(nn.Module):
         for layer in self.layers:
             x = layer(x)
         return self.layer_norm(x)
+
+    def forward_cached(self, mel: torch.Tensor, cache: EncoderCache) -> torch.Tensor:
+        """Encode a growing input [1, n_mels, frames] reusing ``cache``: only positions after the
+        cached ones are computed. Positions whose convolution window reaches past the input end
+        are provisional: returned, but recomputed next time. Returns [1, positions, d_model]."""
+        frames = mel.shape[-1]
+        p0 = cache.positions
+        a = max(0, 2 * p0 - 4)  # from here the front-end is exact for positions >= p0 - 1
+        x = F.gelu(self.conv1(mel[..., a:]))
+        x = F.gelu(self.conv2(x)).transpose(1, 2)
+        x = x[:, p0 - a // 2 :]
+        total = p0 + x.shape[1]
+        if total > self.embed_positions.num_embeddings:
+            raise ValueError("audio longer than 30 s cannot be encoded at once")
+        complete = max(p0, min(total, (frames - 3) // 2 + 1)) - p0
+        x = x + self.embed_positions.weight[p0:total]
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.layers):
+            h = layer.self_attn_layer_norm(x)
+            k, v = layer.self_attn.kv(h)
+            if cache.k:
+                k_all, v_all = torch.cat([cache.k[i], k], dim=2), torch.cat([cache.v[i], v], dim=2)
+            else:
+                k_all, v_all = k, v
+            x = x + layer.self_attn.attend(h, k_all, v_all, causal=False)
+            x = x + layer.fc2(F.gelu(layer.fc1(layer.final_layer_norm(x))))
+            new_k.append(k[:, :, :complete])
+            new_v.append(v[:, :, :complete])
+        out = self.layer_norm(x)
+        if complete:
+            if cache.k:
+                cache.k = [torch.cat([c, n], dim=2) for c, n in zip(cache.k, new_k)]
+                cache.v = [torch.cat([c, n], dim=2) for c, n in zip(cache.v, new_v)]
+                cache.out = torch.cat([cache.out, out[:, :complete]], dim=1)
+            else:
+                cache.k, cache.v, cache.out = new_k, new_v, out[:, :complete]
+        return torch.cat([cache.out[:, : p0], out], dim=1) if p0 else out
 
 
 @dataclass
