@@ -36,7 +36,7 @@ from streaming.audio_file import read_audio
 from streaming.errors import DuplexError
 from streaming.models.cache import ModelCache
 from streaming.models.whisper import SAMPLE_RATE, log_mel
-from streaming.models.whisper_text import greedy_decode
+from streaming.asr.decoder import greedy
 
 from .models import KNOWN, ModelResolver
 
@@ -291,7 +291,7 @@ def _transcribe(bundle, clip: Clip) -> tuple[str, float]:
     """Whole utterance in one padded 30 s window, greedy; (text, seconds for features + decoding)."""
     t0 = time.perf_counter()
     features = bundle.model.encode(log_mel(clip.audio, pad_to=WINDOW))
-    result = greedy_decode(bundle.model, bundle.tokenizer, features, bundle.tokenizer.prompt(language="en"), bundle.rules)
+    result = greedy(bundle.model, bundle.tokenizer, bundle.rules, features, bundle.tokenizer.prompt(language="en"))
     return result.text, time.perf_counter() - t0
 
 

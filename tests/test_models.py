@@ -16,7 +16,7 @@ from streaming.errors import DuplexError
 from streaming.models.cache import ModelCache
 from streaming.models.ct2 import model_parts, read_ct2
 from streaming.models.whisper import log_mel
-from streaming.models.whisper_text import greedy_decode
+from streaming.asr.decoder import greedy
 
 
 def words(text: str) -> list[str]:
@@ -41,7 +41,7 @@ def base(resolver):
 
 def transcribe(bundle, audio, language="en"):
     feats = bundle.model.encode(log_mel(audio, bundle.dims.n_mels, pad_to=480000))
-    return greedy_decode(bundle.model, bundle.tokenizer, feats, bundle.tokenizer.prompt(language), bundle.rules, keep_logits=True)
+    return greedy(bundle.model, bundle.tokenizer, bundle.rules, feats, bundle.tokenizer.prompt(language), keep_logits=True)
 
 
 def ct2_dir(name, tmp_path):

@@ -47,6 +47,10 @@ class Decoded:
     #: tokens the prompt was made of (for alignment later)
     prompt: list[int] = field(default_factory=list)
     hit_limit: bool = False
+    #: raw logits of every step (before filters), kept only when asked: for conversion checks
+    logits: list[torch.Tensor] = field(default_factory=list)
+    #: the generated tokens as text
+    text: str = ""
 
 
 def build_prompt(tok: WhisperTokenizer, context: list[int], sot_seq: list[int]) -> list[int]:
@@ -64,6 +68,7 @@ def decode(
     forced: list[int],
     filters: list[LogitFilter],
     max_tokens: int,
+    keep_logits: bool = False,
 ) -> Decoded:
     """Greedy continuation of ``prompt + forced`` over ``features`` [1, frames, d]."""
     if features.dim() == 2:
@@ -73,21 +78,24 @@ def decode(
     text = list(forced)
     out: list[int] = []
     logprobs: list[float] = []
+    kept: list[torch.Tensor] = []
     for _ in range(max_tokens):
         row = logits.float().clone()
+        if keep_logits:
+            kept.append(row.clone())
         for f in filters:
             f.apply(row, text)
         lp = torch.log_softmax(row, dim=-1)
         nxt = int(torch.argmax(lp))
         if nxt == tok.eot:
-            return Decoded(out, logprobs, prompt)
+            return Decoded(out, logprobs, prompt, logits=kept, text=tok.decode(out).strip())
         out.append(nxt)
         text.append(nxt)
         logprobs.append(float(lp[nxt]))
         if _looping(text):
-            return Decoded(out, logprobs, prompt, hit_limit=True)
+            return Decoded(out, logprobs, prompt, hit_limit=True, logits=kept, text=tok.decode(out).strip())
         logits = model.decoder(torch.tensor([[nxt]]), cache)[0, -1]
-    return Decoded(out, logprobs, prompt, hit_limit=True)
+    return Decoded(out, logprobs, prompt, hit_limit=True, logits=kept, text=tok.decode(out).strip())
 
 
 def _looping(tokens: list[int], max_n: int = 8, times: int = 3, restart: int = 6) -> bool:
@@ -110,3 +118,9 @@ def _looping(tokens: list[int], max_n: int = 8, times: int = 3, restart: int = 6
 
 def rules_filter(tok: WhisperTokenizer, rules: DecodeRules) -> SuppressTokens:
     return SuppressTokens(rules.suppress, rules.suppress_begin, tok.eot + 1)
+
+
+def greedy(model: Whisper, tok: WhisperTokenizer, rules: DecodeRules, features: torch.Tensor, prompt: list[int],
+           max_tokens: int = 224, keep_logits: bool = False) -> Decoded:
+    """Plain greedy decoding of a whole window with the checkpoint's suppression rules only."""
+    return decode(model, tok, features, prompt, [], [rules_filter(tok, rules)], max_tokens, keep_logits)

@@ -1,4 +1,4 @@
-"""Whisper's tokenizer and special tokens, and a plain greedy decoder over our ``Whisper``.
+"""Whisper's tokenizer and special tokens.
 
 The tokenizer is the ``tokenizer.json`` (Hugging Face ``tokenizers`` format) that ships with every
 Whisper checkpoint, CTranslate2's included. English-only models (``.en``) take no language or task
@@ -7,14 +7,12 @@ token; multilingual ones take ``<|xx|>`` and ``<|transcribe|>`` or ``<|translate
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from tokenizers import Tokenizer
 
 from ..errors import DuplexError
-from .whisper import Whisper
 
 
 @dataclass(frozen=True)
@@ -77,52 +75,3 @@ class WhisperTokenizer:
 
     def token_text(self, i: int) -> str:
         return self._tok.decode([i])
-
-
-@dataclass
-class GreedyResult:
-    tokens: list[int]
-    text: str
-    logprobs: list[float] = field(default_factory=list)
-    #: raw logits of each generated step, kept only when asked (for conversion checks)
-    logits: list[torch.Tensor] = field(default_factory=list)
-
-
-@torch.inference_mode()
-def greedy_decode(
-    model: Whisper,
-    tok: WhisperTokenizer,
-    audio_features: torch.Tensor,
-    prompt: list[int],
-    rules: DecodeRules,
-    max_tokens: int = 224,
-    keep_logits: bool = False,
-) -> GreedyResult:
-    """Plain greedy decoding with both KV caches; the reference the streaming decoder builds on."""
-    if audio_features.dim() == 2:
-        audio_features = audio_features.unsqueeze(0)
-    cache = model.decoder.cross_cache(audio_features)
-    logits = model.decoder(torch.tensor([prompt]), cache)[:, -1]
-    suppress = torch.tensor(rules.suppress, dtype=torch.long)
-    begin = torch.tensor(rules.suppress_begin, dtype=torch.long)
-    out: list[int] = []
-    logprobs: list[float] = []
-    kept: list[torch.Tensor] = []
-    for step in range(max_tokens):
-        row = logits[0].float().clone()
-        if keep_logits:
-            kept.append(row.clone())
-        if len(suppress):
-            row[suppress] = -torch.inf
-        if step == 0 and len(begin):
-            row[begin] = -torch.inf
-        # no timestamps in this mode: every special token past end-of-text is off limits
-        row[tok.eot + 1 :] = -torch.inf
-        lp = torch.log_softmax(row, dim=-1)
-        nxt = int(torch.argmax(lp))
-        if nxt == tok.eot:
-            break
-        out.append(nxt)
-        logprobs.append(float(lp[nxt]))
-        logits = model.decoder(torch.tensor([[nxt]]), cache)[:, -1]
-    return GreedyResult(out, tok.decode(out).strip(), logprobs, kept)
