@@ -153,7 +153,8 @@ def transcribe_offline(path: str | Path, bundle: WhisperBundle, asr: ASRConfig) 
         if bundle.multilingual and language == "auto":
             language = detect_language(bundle, feats)
         sot = tok.prompt(language if bundle.multilingual else None, asr.task)
-        prompt = build_prompt(tok, hot_prompt + context[-asr.context_tokens :], sot)
+        carried = context[-asr.context_tokens :] if asr.context_tokens else []
+        prompt = build_prompt(tok, hot_prompt + carried, sot)
         d = decode(bundle.model, tok, feats, prompt, [], filters, max_tokens=224)
         real = len(chunk) // 320 + 1
         words += word_timings(bundle.model, tok, feats, prompt, d.tokens, d.logprobs, bundle.alignment_heads, start / 16000, real)

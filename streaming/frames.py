@@ -16,7 +16,7 @@ the capture time of its first sample). As a frame leaves each stage the pipeline
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np

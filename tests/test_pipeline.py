@@ -10,7 +10,7 @@ from streaming.frames import AudioFrame, DataFrame, EndOfStream, Flush, Interrup
 from streaming.pipeline import Pipeline, Source, Stage
 from streaming.queues import FrameQueue
 from streaming.stages import IterableSource
-from streaming.testing import run_frames, run_pipeline
+from streaming.testing import run_frames
 
 
 def audio(i: int) -> AudioFrame:

@@ -87,7 +87,6 @@ def test_device_listing_and_resolution(pulse_null_sink):
 
 async def test_interrupt_clears_unplayed_audio(pulse_null_sink):
     from streaming.frames import Interrupt
-    from streaming.stages import IterableSource
 
     long = np.zeros(16000 * 3, np.float32) + 0.01
     frames = [AudioFrame(samples=long[i : i + 1600].copy(), pts=i / 16000) for i in range(0, len(long), 1600)]

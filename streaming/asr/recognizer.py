@@ -217,10 +217,15 @@ class StreamingRecognizer:
             s.language = detect_language(self.m, feats)
         return tok.prompt(s.language if self.m.multilingual else None, self.config.task)
 
+    def _prompt(self, s: ASRState, feats: torch.Tensor) -> list[int]:
+        """Hotwords, then the last ``context_tokens`` of earlier text, then the start sequence."""
+        n = self.config.context_tokens
+        carried = s.context[-n:] if n else []  # (a [-0:] slice would keep everything)
+        return build_prompt(self.m.tokenizer, s.hotword_prompt + carried, self._sot(s, feats))
+
     def _decode(self, s: ASRState, feats: torch.Tensor, seconds: float) -> Decoded:
         tok = self.m.tokenizer
-        context = s.hotword_prompt + s.context[-self.config.context_tokens :] if self.config.context_tokens else s.hotword_prompt
-        prompt = build_prompt(tok, context, self._sot(s, feats))
+        prompt = self._prompt(s, feats)
         filters = [self._suppress]
         if s.biaser:
             filters.append(s.biaser)
@@ -287,8 +292,7 @@ class StreamingRecognizer:
                 return []
             return self._final(s, end, continued=True)  # no agreement for too long: close it all
         tok = self.m.tokenizer
-        context = s.hotword_prompt + s.context[-self.config.context_tokens :]
-        prompt = build_prompt(tok, context, self._sot(s, feats))
+        prompt = self._prompt(s, feats)
         real = int((end - s.window_start) / SECONDS_PER_POSITION)
         words = word_timings(self.m.model, tok, feats, prompt, s.committed, s.committed_logprobs,
                              self.m.alignment_heads, s.window_start, real)
