@@ -19,6 +19,7 @@ import dataclasses
 
 from pydantic import Field, TypeAdapter, ValidationError
 
+from orchestration.turns import TurnConfig
 from streaming.errors import ConfigError
 from streaming.asr.recognizer import ASRConfig
 from streaming.vad import VADConfig
@@ -76,6 +77,7 @@ class DuplexConfig:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     vad: VADConfig = field(default_factory=VADConfig)
     asr: ASRConfig = field(default_factory=ASRConfig)
+    turns: TurnConfig = field(default_factory=TurnConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
     log: LogConfig = field(default_factory=LogConfig)
 

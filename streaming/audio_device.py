@@ -13,7 +13,7 @@ import logging
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -22,6 +22,9 @@ from .errors import DeviceError
 from .frames import INTERNAL_RATE, AudioFrame, EndOfStream, Frame, Interrupt
 from .pipeline import Source, Stage
 from .resample import StreamResampler, to_mono
+
+if TYPE_CHECKING:
+    from .aec import EchoReference
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +227,9 @@ class SpeakerSink(Stage):
     ``Interrupt`` clears what is buffered but not yet played, at once. ``played_seconds`` says how
     much audio actually left through the callback: later stages use it to know what the user heard.
     At EndOfStream the sink waits until its buffer has played out.
+
+    With a ``reference``, every block the callback writes (silence included) is pushed to it,
+    stamped with the pipeline-clock time it reaches the speaker: the echo canceller's reference.
     """
 
     def __init__(
@@ -233,6 +239,7 @@ class SpeakerSink(Stage):
         sample_rate: int | None = None,
         block_ms: float = 20.0,
         max_buffer_seconds: float = 1.0,
+        reference: EchoReference | None = None,
     ) -> None:
         super().__init__()
         self.name = "speaker"
@@ -247,6 +254,7 @@ class SpeakerSink(Stage):
         self._stream: Any = None
         self.played_samples = 0
         self.underflows = 0
+        self.reference = reference
 
     @property
     def played_seconds(self) -> float:
@@ -275,6 +283,19 @@ class SpeakerSink(Stage):
         outdata[filled:, 0] = 0.0
         if outdata.shape[1] > 1:
             outdata[:, 1:] = outdata[:, :1]
+        if self.reference is not None:
+            self.reference.push(outdata[:, 0].copy(), self._dac_time(time_info), self.device_rate)
+
+    def _dac_time(self, time_info: Any) -> float:
+        """Pipeline-clock time at which the block being written will leave the speaker."""
+        try:
+            dac = float(time_info.outputBufferDacTime)
+            ahead = dac - float(time_info.currentTime) if dac > 0 else -1.0
+        except (AttributeError, TypeError):
+            ahead = -1.0
+        if not 0.0 <= ahead < 1.0:  # host APIs that do not report it (zeros or garbage)
+            ahead = float(getattr(self._stream, "latency", 0.0) or 0.0)
+        return self.clock.now() + ahead
 
     def _ensure_stream(self) -> None:
         if self._stream is not None:
