@@ -20,6 +20,7 @@ import dataclasses
 from pydantic import Field, TypeAdapter, ValidationError
 
 from orchestration.turns import TurnConfig
+from streaming.aec import AECConfig
 from streaming.errors import ConfigError
 from streaming.asr.recognizer import ASRConfig
 from streaming.vad import VADConfig
@@ -75,6 +76,7 @@ class LogConfig:
 class DuplexConfig:
     audio: AudioConfig = field(default_factory=AudioConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    aec: AECConfig = field(default_factory=AECConfig)
     vad: VADConfig = field(default_factory=VADConfig)
     asr: ASRConfig = field(default_factory=ASRConfig)
     turns: TurnConfig = field(default_factory=TurnConfig)
