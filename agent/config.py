@@ -25,6 +25,8 @@ from streaming.errors import ConfigError
 from streaming.asr.recognizer import ASRConfig
 from streaming.vad import VADConfig
 
+from .mqtt_protocol import MqttConfig
+
 ENV_PREFIX = "DUPLEX_"
 
 
@@ -82,6 +84,7 @@ class DuplexConfig:
     turns: TurnConfig = field(default_factory=TurnConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
 
 
 _ADAPTER = TypeAdapter(DuplexConfig)
