@@ -74,6 +74,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", nargs="?", choices=["list", "prepare"], default="list")
     p.add_argument("--json", action="store_true", help="JSON instead of a table")
 
+    p = sub.add_parser("serve", help="headless service over MQTT: one session per site (see docs/mqtt.md)")
+    _common(p)
+    p.add_argument("--broker", default="mqtt://127.0.0.1:1883", metavar="URL", help="mqtt://host:port or mqtts://host:port (TLS)")
+    p.add_argument("--site", action="append", metavar="ID", help="serve only these site IDs (repeatable); default: any, up to mqtt.max_sites")
+    p.add_argument("--username", help="broker user name")
+    pw = p.add_mutually_exclusive_group()
+    pw.add_argument("--password", help="broker password (visible to other local users; prefer --password-file or $DUPLEX_MQTT_PASSWORD)")
+    pw.add_argument("--password-file", type=Path, metavar="F", help="read the broker password from the first line of F")
+    p.add_argument("--tls-ca", metavar="FILE", help="CA bundle to verify the broker (implies TLS)")
+    p.add_argument("--tls-cert", metavar="FILE", help="client certificate, for brokers that ask for one")
+    p.add_argument("--tls-key", metavar="FILE", help="the client certificate's key")
+    p.add_argument("--tls-insecure", action="store_true", help="do not check the broker's host name (test brokers only)")
+    p.add_argument("--client-id", help="MQTT client id (default: config mqtt.client_id, or duplex-<hostname>)")
+
     p = sub.add_parser("bench", help="benchmarks")
     bench = p.add_subparsers(dest="bench", metavar="WHAT", required=True)
     b = bench.add_parser("vad", help="VAD precision/recall, detection delay and cost on a speech manifest")
@@ -368,7 +382,45 @@ def cmd_bench_asr(args: argparse.Namespace, cfg: DuplexConfig) -> int:
     return 0
 
 
+def _broker_password(args: argparse.Namespace) -> str | None:
+    import os
+
+    if args.password is not None:
+        return args.password
+    if args.password_file:
+        try:
+            lines = args.password_file.read_text(encoding="utf-8").splitlines()
+            return lines[0] if lines else ""
+        except FileNotFoundError:
+            raise DuplexError(f"no such password file: {args.password_file}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DuplexError(f"cannot read password file {args.password_file}: {exc}") from None
+    return os.environ.get("DUPLEX_MQTT_PASSWORD")
+
+
+def cmd_serve(args: argparse.Namespace, cfg: DuplexConfig) -> int:
+    from . import service
+    from .session import SharedModels
+
+    broker = service.BrokerSettings.from_url(
+        args.broker, username=args.username, password=_broker_password(args), tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert, tls_key=args.tls_key, tls_insecure=args.tls_insecure,
+    )
+    svc = service.MqttService(cfg, broker, sites=args.site, client_id=args.client_id)  # checks the site IDs
+    models = SharedModels.load(cfg, tts=True)
+    svc.models = models
+    sites = ", ".join(args.site) if args.site else f"any site (up to {cfg.mqtt.max_sites})"
+    print(f"duplex serve: {sites} on {broker.url} as {svc.client_id} (topics {svc.topics.prefix}/<site>/..., run {svc.run_id})",
+          file=sys.stderr, flush=True)
+    try:
+        asyncio.run(svc.run(handle_signals=True))
+    finally:
+        models.close()
+    return 0
+
+
 _COMMANDS = {
+    "serve": cmd_serve,
     "bench-asr": cmd_bench_asr,
     "transcribe": cmd_transcribe,
     "models": cmd_models,
