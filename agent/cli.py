@@ -117,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="a smoke test: one run each, fewer WER files and LLM prompts")
     b.add_argument("--manifest", type=Path, metavar="PATH", help="manifest.tsv of the speech data, for Whisper WER (skipped without it)")
     b.add_argument("--json-out", type=Path, metavar="FILE", help="also write the results as JSON")
+    b = bench.add_parser("aec", help="echo cancellation on simulated rooms with real speech: ERLE, double talk, VAD, cost")
+    _common(b)
+    b.add_argument("--seconds", type=float, default=30.0, help="length of each room's run (default 30)")
+    b.add_argument("--manifest", type=Path, metavar="PATH",
+                   help="manifest.tsv of the speech data, for the user's voice (default: ../shared/data/speech)")
+    b.add_argument("--json", "--json-out", dest="json_out", type=Path, metavar="PATH", help="also write the results as JSON")
     return parser
 
 
@@ -269,6 +275,20 @@ def cmd_bench_models(args: argparse.Namespace, cfg: DuplexConfig) -> int:
 
         results = bench_models.run(todo, plan, args.manifest, step)
     return _report(bench_models.report(results), results, args.json_out)
+
+
+def cmd_bench_aec(args: argparse.Namespace, cfg: DuplexConfig) -> int:
+    from tqdm import tqdm
+
+    from . import bench_aec, models
+
+    manifest = args.manifest or bench_aec.default_manifest()
+    if not manifest.exists():
+        raise DuplexError(f"no such manifest: {manifest} (give --manifest PATH)")
+    tts = models.resolver_for(cfg.models.cache_dir).tts(cfg.models.tts)
+    with tqdm(total=len(bench_aec.ROOMS), desc="bench aec", file=sys.stderr, leave=False) as bar:
+        results = bench_aec.bench(cfg.aec, cfg.vad, tts, manifest, args.seconds, progress=lambda *_: bar.update())
+    return _report(bench_aec.markdown(results), results, args.json_out)
 
 
 def cmd_models(args: argparse.Namespace, cfg: DuplexConfig) -> int:
@@ -430,6 +450,7 @@ _COMMANDS = {
     "listen": cmd_listen,
     "bench-vad": cmd_bench_vad,
     "bench-models": cmd_bench_models,
+    "bench-aec": cmd_bench_aec,
 }
 
 if __name__ == "__main__":  # pragma: no cover

@@ -77,7 +77,7 @@ class AECStats:
     erle_linear_db: float
     #: double talk detected in the last block
     double_talk: bool
-    #: the linear filter removes enough echo (10 dB) for the post-filter to trust its estimate
+    #: the linear filter removes enough echo (6 dB) for the post-filter to trust its estimate
     converged: bool
     #: bypassed: nothing played within the filter span
     idle: bool

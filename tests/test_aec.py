@@ -406,3 +406,30 @@ async def test_speaker_sink_feeds_the_reference_and_the_loop_cancels(pulse_null_
     start = 2 * RATE  # give the canceller time to find the device latency and converge
     assert np.sqrt(np.mean(raw[start:] ** 2)) > 0.01  # the loop really carried the speech
     assert db(raw[start:], out[start:]) > 20.0
+
+
+def test_bench_aec_command_reports_every_room(duplex_bin, tmp_path):
+    import json
+    import subprocess
+
+    # a small manifest in the shared format; the user's voice is taken from "ljspeech" rows
+    (tmp_path / "en").mkdir()
+    (tmp_path / "en" / "ljspeech_fixture.wav").symlink_to(asterisk("demo-congrats"))
+    (tmp_path / "manifest.tsv").write_text(
+        "file\tduration_s\ttranscript\tlanguage\tsource\tlicense\ttranscript_quality\tnotes\n"
+        "en/ljspeech_fixture.wav\t30\tx\ten\tdeb\tCC-BY-SA-3.0\texact_script\t\n"
+    )
+    out = tmp_path / "aec.json"
+    r = subprocess.run([str(duplex_bin), "bench", "aec", "--seconds", "10", "--manifest", str(tmp_path / "manifest.tsv"),
+                        "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "| room |" in r.stdout and "Cost per 10 ms" in r.stdout
+    res = json.loads(out.read_text())
+    assert len(res["rooms"]) == 4
+    for room in res["rooms"]:
+        assert room["vad_raw_echo_segments"] >= 1 and room["vad_aec_echo_segments"] == 0
+        assert room["erle_single_db"] > 20 and room["vad_user_recall"] > 0.8
+    assert res["cost"]["active_p50_us"] < 1000
+    bad = subprocess.run([str(duplex_bin), "bench", "aec", "--manifest", str(tmp_path / "none.tsv")],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.startswith("duplex: error: no such manifest")
