@@ -246,6 +246,11 @@ def bench(config: AECConfig, vad_config: VADConfig, tts, manifest: Path, seconds
           rooms=ROOMS, progress=None) -> dict:
     if seconds < 8:
         raise DuplexError("--seconds must be at least 8 (2 s to converge, then single talk, double talk, single talk)")
+    import torch
+
+    # Silero runs here in the main thread: one intra-op thread, as in the VAD stage's worker (on
+    # 2 busy cores, more threads only spin; measured 7 s of CPU for a 10 s run with one, 42 s without)
+    torch.set_num_threads(1)
     agent = agent_speech(seconds, tts)
     user_clip, used = user_speech(manifest, 0.35 * seconds + 1)
     vad = TwoStageVAD(vad_config)

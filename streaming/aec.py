@@ -136,6 +136,9 @@ class EchoCanceller:
         self._prm = prm
         self._n_parts = 0
         self.reset()
+        # compile (first use on a machine: ~15 s) or load numba's cache now, not mid-stream
+        self.process(np.zeros(n, np.float32), np.zeros(n, np.float32))
+        self.reset()
 
     # -- state ---------------------------------------------------------------------------------
 
