@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -97,7 +98,8 @@ class MqttPeer:
         while True:
             try:
                 client = aiomqtt.Client(self.host, self.port, identifier=self.client_id, clean_session=self.clean_session,
-                                        username=self.username, password=self.password, keepalive=10, timeout=5)
+                                        username=self.username, password=self.password, keepalive=10, timeout=5,
+                                        socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])  # no Nagle delays
                 client.pending_calls_threshold = 100_000
                 async with client:
                     self.connects.append(time.monotonic())

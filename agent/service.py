@@ -321,6 +321,8 @@ class MqttService:
             keepalive=self.mc.keepalive_s,
             timeout=5,
             max_queued_incoming_messages=self.mc.inbox_frames * 8,
+            # Nagle's algorithm against the peer's delayed ACK holds small messages up to 40 ms
+            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
         )
         # live data is published without waiting for each other; aiomqtt warns above 10 in flight
         client.pending_calls_threshold = 100_000
