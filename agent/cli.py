@@ -122,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seconds", type=float, default=30.0, help="length of each room's run (default 30)")
     b.add_argument("--manifest", type=Path, metavar="PATH",
                    help="manifest.tsv of the speech data, for the user's voice (default: ../shared/data/speech)")
+    b.add_argument("--rooms", type=int, help="only the first N of the four rooms (a quick look)")
     b.add_argument("--json", "--json-out", dest="json_out", type=Path, metavar="PATH", help="also write the results as JSON")
     return parser
 
@@ -285,9 +286,12 @@ def cmd_bench_aec(args: argparse.Namespace, cfg: DuplexConfig) -> int:
     manifest = args.manifest or bench_aec.default_manifest()
     if not manifest.exists():
         raise DuplexError(f"no such manifest: {manifest} (give --manifest PATH)")
+    if args.rooms is not None and not 1 <= args.rooms <= len(bench_aec.ROOMS):
+        raise DuplexError(f"--rooms must be between 1 and {len(bench_aec.ROOMS)}")
+    rooms = bench_aec.ROOMS[: args.rooms]
     tts = models.resolver_for(cfg.models.cache_dir).tts(cfg.models.tts)
-    with tqdm(total=len(bench_aec.ROOMS), desc="bench aec", file=sys.stderr, leave=False) as bar:
-        results = bench_aec.bench(cfg.aec, cfg.vad, tts, manifest, args.seconds, progress=lambda *_: bar.update())
+    with tqdm(total=len(rooms), desc="bench aec", file=sys.stderr, leave=False) as bar:
+        results = bench_aec.bench(cfg.aec, cfg.vad, tts, manifest, args.seconds, rooms=rooms, progress=lambda *_: bar.update())
     return _report(bench_aec.markdown(results), results, args.json_out)
 
 
