@@ -19,6 +19,7 @@ import dataclasses
 
 from pydantic import Field, TypeAdapter, ValidationError
 
+from orchestration.dialogue import DialogueConfig
 from orchestration.turns import TurnConfig
 from streaming.aec import AECConfig
 from streaming.errors import ConfigError
@@ -82,6 +83,7 @@ class DuplexConfig:
     vad: VADConfig = field(default_factory=VADConfig)
     asr: ASRConfig = field(default_factory=ASRConfig)
     turns: TurnConfig = field(default_factory=TurnConfig)
+    dialogue: DialogueConfig = field(default_factory=DialogueConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
