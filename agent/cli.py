@@ -124,6 +124,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="manifest.tsv of the speech data, for the user's voice (default: ../shared/data/speech)")
     b.add_argument("--rooms", type=int, help="only the first N of the four rooms (a quick look)")
     b.add_argument("--json", "--json-out", dest="json_out", type=Path, metavar="PATH", help="also write the results as JSON")
+    b = bench.add_parser("mqtt", help="final-transcript latency in-process vs over MQTT, and concurrent sites in real time")
+    _common(b)
+    b.add_argument("--manifest", type=Path, metavar="PATH", help="manifest.tsv of the speech data (default: ../shared/data/speech)")
+    b.add_argument("--files", type=int, default=6, help="English recordings of 2.5-9 s from the manifest (default 6)")
+    b.add_argument("--repeat", type=int, default=2, help="latency runs per file and path (default 2)")
+    b.add_argument("--max-sites", type=int, default=8, help="stop the site count there at the latest (default 8)")
+    b.add_argument("--site-seconds", type=float, default=30.0, help="audio each site streams per capacity run (default 30)")
+    b.add_argument("--broker", metavar="URL", help="use this broker instead of starting a private Mosquitto")
+    b.add_argument("--json", "--json-out", dest="json_out", type=Path, metavar="PATH", help="also write the results as JSON")
     return parser
 
 
@@ -406,6 +415,17 @@ def cmd_bench_asr(args: argparse.Namespace, cfg: DuplexConfig) -> int:
     return 0
 
 
+def cmd_bench_mqtt(args: argparse.Namespace, cfg: DuplexConfig) -> int:
+    from . import bench_mqtt
+
+    if args.repeat < 1 or args.files < 1 or args.max_sites < 1:
+        raise DuplexError("--files, --repeat and --max-sites must be at least 1")
+    files = bench_mqtt.pick_files(args.manifest or bench_mqtt.default_manifest(), args.files)
+    results = bench_mqtt.bench(cfg, files, args.broker, repeat=args.repeat, max_sites=args.max_sites,
+                               site_seconds=args.site_seconds, progress=lambda what: print(f"bench mqtt: {what}", file=sys.stderr, flush=True))
+    return _report(bench_mqtt.markdown(results), results, args.json_out)
+
+
 def _broker_password(args: argparse.Namespace) -> str | None:
     import os
 
@@ -445,6 +465,7 @@ def cmd_serve(args: argparse.Namespace, cfg: DuplexConfig) -> int:
 
 _COMMANDS = {
     "serve": cmd_serve,
+    "bench-mqtt": cmd_bench_mqtt,
     "bench-asr": cmd_bench_asr,
     "transcribe": cmd_transcribe,
     "models": cmd_models,

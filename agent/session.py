@@ -353,7 +353,7 @@ class Session:
             chunk = np.array(y[i : i + self._block], dtype=np.float32)
             frame = AudioFrame(samples=chunk, pts=self._pts)
             self._pts = frame.end_pts
-            self._pushes.append((self._pts, time.perf_counter()))
+            self._pushes.append((self._pts, time.monotonic()))
             await self._input.queue.put(frame)
 
     @property
@@ -411,12 +411,16 @@ class Session:
             if not frame.continued and self._end_detected is not None:
                 pushed = self._wall_at(self._end_detected)
                 if pushed is not None:
-                    values["final_latency_ms"] = round((time.perf_counter() - pushed) * 1000, 1)
+                    values["final_latency_ms"] = round((time.monotonic() - pushed) * 1000, 1)
                 self._end_detected = None
             self._emit(Metrics(values=types.MappingProxyType(values), pts=frame.pts))
 
+    def pushed_at(self, t: float) -> float | None:
+        """``time.monotonic()`` when the audio at session time ``t`` had been pushed (recent audio only)."""
+        return self._wall_at(t)
+
     def _wall_at(self, t: float) -> float | None:
-        """Wall time at which the audio at ``t`` had been pushed."""
+        # the first push whose audio reaches t; pushes are in order, and finals are recent
         for end, wall in self._pushes:
             if end >= t - 1e-6:
                 return wall
