@@ -1,8 +1,9 @@
 """A private Mosquitto broker on a free loopback port, for the tests and ``duplex bench mqtt``.
 
 It runs Debian's ``mosquitto`` (installed by scripts/setup) with a config written into its own
-folder: one listener on 127.0.0.1, persistence on (so a restart keeps persistent sessions and
-queued QoS 1 messages), and either anonymous access or a password file.
+folder: one listener on 127.0.0.1 (plain, or TLS with a given certificate), persistence on (so a
+restart keeps persistent sessions and queued QoS 1 messages), and either anonymous access or a
+password file.
 """
 
 from __future__ import annotations
@@ -37,12 +38,14 @@ class Mosquitto:
     """``with Mosquitto() as broker:`` … ``broker.port``; ``restart()`` keeps the port and the data."""
 
     def __init__(self, folder: str | os.PathLike[str] | None = None, *, users: dict[str, str] | None = None,
-                 port: int | None = None) -> None:
+                 port: int | None = None, tls: tuple[str | os.PathLike[str], str | os.PathLike[str]] | None = None) -> None:
         self._own_folder = folder is None
         self.folder = Path(folder) if folder else Path(tempfile.mkdtemp(prefix="duplex-mosquitto-"))
         self.folder.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.users = dict(users or {})
+        #: (certificate, key) of a TLS listener; None = plain TCP
+        self.tls = tls
         self.proc: subprocess.Popen[bytes] | None = None
         self.conf = self.folder / "mosquitto.conf"
         self.log = self.folder / "mosquitto.log"
@@ -50,13 +53,14 @@ class Mosquitto:
 
     @property
     def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
+        return f"{'mqtts' if self.tls else 'mqtt'}://127.0.0.1:{self.port}"
 
     def _write_config(self) -> None:
         data = self.folder / "data"
         data.mkdir(exist_ok=True)
         lines = [
             f"listener {self.port} 127.0.0.1",
+            *([f"certfile {self.tls[0]}", f"keyfile {self.tls[1]}"] if self.tls else []),
             # stay the user we are (as root, mosquitto would otherwise switch to 'mosquitto' and
             # lose access to this folder)
             f"user {pwd.getpwuid(os.getuid()).pw_name}",

@@ -37,12 +37,14 @@ class MqttPeer:
 
     def __init__(self, host: str, port: int, *, client_id: str, subscriptions: Iterable[tuple[str, int]] = (),
                  username: str | None = None, password: str | None = None, clean_session: bool = False,
-                 backoff_max_s: float = 0.5) -> None:
+                 backoff_max_s: float = 0.5, tls_ca: str | None = None) -> None:
         self.host, self.port = host, port
         self.client_id = client_id
         self.subscriptions = list(subscriptions)
         self.username, self.password = username, password
         self.clean_session = clean_session
+        #: CA bundle: connect with TLS and verify the broker against it
+        self.tls_ca = tls_ca
         self.backoff_max_s = backoff_max_s
         #: everything received, across reconnections
         self.inbox: asyncio.Queue[Received] = asyncio.Queue()
@@ -99,6 +101,7 @@ class MqttPeer:
             try:
                 client = aiomqtt.Client(self.host, self.port, identifier=self.client_id, clean_session=self.clean_session,
                                         username=self.username, password=self.password, keepalive=10, timeout=5,
+                                        tls_params=aiomqtt.TLSParameters(ca_certs=self.tls_ca) if self.tls_ca else None,
                                         socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])  # no Nagle delays
                 client.pending_calls_threshold = 100_000
                 async with client:

@@ -7,9 +7,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import subprocess
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -37,10 +39,36 @@ def auth_broker(tmp_path):
         yield b
 
 
+def make_certificates(folder: Path, name: str = "test") -> dict[str, Path]:
+    """A throw-away CA and a server certificate for 127.0.0.1/localhost, signed by it (openssl)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    ca_key, ca, key, csr, cert = (folder / f"{name}-{n}" for n in ("ca.key", "ca.pem", "server.key", "server.csr", "server.pem"))
+    ext = folder / f"{name}-san.cnf"
+    ext.write_text("subjectAltName = IP:127.0.0.1, DNS:localhost\n")
+
+    def ssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+
+    ssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={name} test CA", "-keyout", str(ca_key), "-out", str(ca))
+    ssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(csr))
+    ssl("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key), "-CAcreateserial", "-days", "2",
+        "-extfile", str(ext), "-out", str(cert))
+    return {"ca": ca, "cert": cert, "key": key}
+
+
+@pytest.fixture
+def tls_broker(tmp_path):
+    """Broker with a TLS listener; ``tls_broker.certs["ca"]`` verifies it."""
+    certs = make_certificates(tmp_path / "certs")
+    with Mosquitto(tmp_path / "mosquitto", tls=(certs["cert"], certs["key"])) as b:
+        b.certs = certs
+        yield b
+
+
 @contextlib.asynccontextmanager
 async def serving(cfg, broker: Mosquitto, models, **kw: Any) -> AsyncIterator[MqttService]:
     """The service, in this process, connected to ``broker``; stopped cleanly afterwards."""
-    creds = {k: kw.pop(k) for k in ("username", "password") if k in kw}
+    creds = {k: kw.pop(k) for k in ("username", "password", "tls_ca") if k in kw}
     svc = MqttService(cfg, BrokerSettings.from_url(broker.url, **creds), models=models,
                       client_id=kw.pop("client_id", f"duplex-test-{next(_ids)}"), **kw)
     task = asyncio.create_task(svc.run())

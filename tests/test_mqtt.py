@@ -41,7 +41,7 @@ from agent.mqtt_protocol import (
 from agent.service import BrokerSettings, MqttService
 from agent.session import SharedModels
 from fixtures import librivox
-from mqtt_broker import USERS, auth_broker, broker, serving, watching  # noqa: F401 (fixtures)
+from mqtt_broker import USERS, auth_broker, broker, make_certificates, serving, tls_broker, watching  # noqa: F401 (fixtures)
 from streaming.audio_file import read_audio
 from streaming.errors import DuplexError
 from streaming.resample import resample
@@ -562,3 +562,15 @@ async def test_authentication(auth_broker, cfg, models):
     async with watching(b, [("duplex/status", 1)], username="alice", password=USERS["alice"]) as w:
         await w.until(lambda: w.of("status"), 5, "the retained status")
         assert w.of("status")[-1].state == "offline"
+
+
+async def test_tls(tls_broker, cfg, models, tmp_path):
+    b = tls_broker
+    async with serving(cfg, b, models, tls_ca=str(b.certs["ca"])) as svc, \
+            watching(b, [("duplex/status", 1)], tls_ca=str(b.certs["ca"])) as w:
+        await w.until(lambda: w.of("status"), 5, "the online status over TLS")
+        assert w.of("status")[-1].run == svc.run_id and svc.broker.tls
+    other = make_certificates(tmp_path / "other", "other")
+    svc = MqttService(cfg, BrokerSettings.from_url(b.url, tls_ca=str(other["ca"])), models=models, client_id="tls-wrong-ca")
+    with pytest.raises(DuplexError, match=r"TLS connection to mqtts://127.0.0.1:\d+ failed: .*certificate verify failed"):
+        await asyncio.wait_for(svc.run(), 10)
