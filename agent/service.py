@@ -400,10 +400,13 @@ class MqttService:
             site = self._site(site_id)
             if site is None:
                 return
-            if kind == "audio_in":
+            if retained:  # it would be replayed on every reconnect
+                what = "audio frames" if kind == "audio_in" else "commands"
+                self._error(site, "retained", f"retained {what} are ignored: publish them without the retain flag")
+            elif kind == "audio_in":
                 self._on_audio(site, payload)
             else:
-                self._on_command(site, payload, retained)
+                self._on_command(site, payload)
         except Exception as exc:  # noqa: BLE001 - a bug here must not stop the service
             log.exception("failed to handle a message on %s", topic[:200])
             self._error_unknown(site_id, "internal", f"internal error: {type(exc).__name__}")
@@ -451,10 +454,7 @@ class MqttService:
             site.audio_queued += 1
             site.inbox.put_nowait(("audio", d))
 
-    def _on_command(self, site: _Site, payload: bytes, retained: bool) -> None:
-        if retained:
-            self._error(site, "retained", "retained commands are ignored: publish commands without the retain flag")
-            return
+    def _on_command(self, site: _Site, payload: bytes) -> None:
         try:
             cmd = parse_command(payload, self.mc.max_json_bytes)
         except ProtocolError as exc:

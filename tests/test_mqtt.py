@@ -522,6 +522,10 @@ async def test_malformed_payloads_through_the_broker_and_in_process_never_stop_t
             svc.dispatch(T.audio_in("den") if kind == "audio" else T.command("den"), payload)
             svc.dispatch(f"duplex/{rng.choice(['den', 'attic', '+', ''])}/{rng.choice(['command', 'audio/in'])}", payload)
         assert svc.sites.keys() == {"den"} and svc.sites["den"].counts["errors"] >= 5000
+        await asyncio.sleep(0.3)  # the error rate limit refills
+        svc.dispatch(T.audio_in("den"), good, retained=True)
+        svc.dispatch(T.command("den"), cmd(type="say", text="again and again"), retained=True)
+        await w.until(lambda: len([e for e in errors() if e.code == "retained"]) == 2, 5, "retained messages refused")
         fz.command(T, "den", type="say", text="Still here.", id="alive")
         await w.until(lambda: w.of("ack"), 20, "the session to answer")
         assert w.of("ack")[0].ok and len(w.of("audio_out")) >= 3
