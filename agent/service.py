@@ -293,6 +293,8 @@ class MqttService:
                 log.warning("MQTT %s: %s; reconnecting", self.broker.url, text or type(exc).__name__)
             except OSError as exc:  # name resolution and similar, before aiomqtt wraps them
                 log.warning("MQTT %s: %s; reconnecting", self.broker.url, exc)
+            except Exception:  # noqa: BLE001 - a client bug must not end the service: a fresh connection
+                log.exception("MQTT %s: the connection failed unexpectedly; reconnecting", self.broker.url)
             if len(self.connects) > connected_before:
                 delay = self.mc.backoff_initial_s  # it was up: start the backoff over
             try:
