@@ -39,6 +39,18 @@ class SuppressTokens:
         logits[self.specials_from :] = -torch.inf
 
 
+class MinLength:
+    """No end-of-text before the text holds ``n`` tokens. Without timestamps Whisper sometimes
+    ends a long window after its first sentence; speech that VAD still hears is not over."""
+
+    def __init__(self, eot: int, n: int) -> None:
+        self.eot, self.n = eot, n
+
+    def apply(self, logits: torch.Tensor, tokens: list[int]) -> None:
+        if len(tokens) < self.n:
+            logits[self.eot] = -torch.inf
+
+
 @dataclass
 class Decoded:
     #: tokens generated after the forced prefix
@@ -92,28 +104,37 @@ def decode(
         out.append(nxt)
         text.append(nxt)
         logprobs.append(float(lp[nxt]))
-        if _looping(text):
+        repeat = _looping(text)
+        if repeat:
+            # keep one copy of the repeated text, not the loop
+            drop = min(repeat, len(out))
+            out, logprobs = out[: len(out) - drop], logprobs[: len(logprobs) - drop]
             return Decoded(out, logprobs, prompt, hit_limit=True, logits=kept, text=tok.decode(out).strip())
         logits = model.decoder(torch.tensor([[nxt]]), cache)[0, -1]
     return Decoded(out, logprobs, prompt, hit_limit=True, logits=kept, text=tok.decode(out).strip())
 
 
-def _looping(tokens: list[int], max_n: int = 8, times: int = 3, restart: int = 6) -> bool:
+def _looping(tokens: list[int], max_n: int = 8, times: int = 3, restart: int = 6) -> int:
     """Whisper's hallucination loops, common on audio cut mid-word: the same short n-gram
     (n <= 8) three times in a row, or the last ``restart`` tokens already seen earlier in the
-    same text (the model starting the transcript over)."""
+    same text (the model starting the transcript over). Returns how many trailing tokens are the
+    repeat (0: no loop)."""
     for n in range(1, max_n + 1):
         if len(tokens) < n * times:
             break
         tail = tokens[-n:]
         if all(tokens[len(tokens) - (i + 1) * n : len(tokens) - i * n] == tail for i in range(1, times)):
-            return True
+            return n * (times - 1)
     if len(tokens) > restart:
         tail = tokens[-restart:]
         for i in range(len(tokens) - restart):
             if tokens[i : i + restart] == tail:
-                return True
-    return False
+                # the repeat may have begun before its last ``restart`` tokens: walk back
+                k, j = len(tokens) - restart, i
+                while k > i + restart and j > 0 and tokens[k - 1] == tokens[j - 1]:
+                    k, j = k - 1, j - 1
+                return len(tokens) - k
+    return 0
 
 
 def rules_filter(tok: WhisperTokenizer, rules: DecodeRules) -> SuppressTokens:

@@ -25,7 +25,7 @@ from ..frames import INTERNAL_RATE, FinalText, Frame, PartialText
 from ..models.whisper import EncoderCache, log_mel
 from ..models.whisper_load import WhisperBundle
 from .alignment import SECONDS_PER_POSITION, group_words, warm_up_alignment, word_timings
-from .decoder import Decoded, build_prompt, decode, rules_filter
+from .decoder import Decoded, MinLength, build_prompt, decode, rules_filter
 from .hotwords import HotwordBoost, parse_hotwords, prompt_text
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,9 @@ class ASRConfig:
     hotword_start_boost: Annotated[float, Field(ge=0, le=20)] = 2.0
     #: a boost is only granted where the model's own log-probability is above this
     hotword_gate: Annotated[float, Field(le=0)] = -8.0
+    #: no end of text before the window holds this many tokens per second of audio (beyond the
+    #: first 1.5 s): Whisper without timestamps may stop after a long window's first sentence
+    min_tokens_per_second: Annotated[float, Field(ge=0, le=5)] = 1.5
 
 
 @dataclass
@@ -229,11 +232,15 @@ class StreamingRecognizer:
         filters = [self._suppress]
         if s.biaser:
             filters.append(s.biaser)
+        forced = s.committed
+        floor = int(self.config.min_tokens_per_second * (seconds - 1.5))
+        if floor > 0:
+            filters.append(MinLength(tok.eot, floor))
         # the whole window's text may hold at most this many tokens: a hypothesis longer than
         # speech can be is a hallucination, and capping it bounds the cost of a bad step
-        budget = max(4, int(self.config.max_tokens_per_second * seconds) + 4 - len(s.committed))
+        budget = max(4, int(self.config.max_tokens_per_second * seconds) + 4 - len(forced))
         s.decodes += 1
-        return decode(self.m.model, tok, feats, prompt, s.committed, filters, max_tokens=budget)
+        return decode(self.m.model, tok, feats, prompt, forced, filters, max_tokens=budget)
 
     def _partial(self, s: ASRState, end: float) -> list[Frame]:
         import time
@@ -257,7 +264,7 @@ class StreamingRecognizer:
         )
         s.step_seconds.append(time.perf_counter() - t0)
         if (end - s.window_start) > self.config.max_window_s:
-            out.extend(self._cut(s, feats, end))
+            out.extend(self._cut(s, feats, end, d))
         return out
 
     def _agree(self, s: ASRState, d: Decoded) -> list[str]:
@@ -284,7 +291,7 @@ class StreamingRecognizer:
         s.committed_logprobs = s.committed_logprobs + d.logprobs[:cut]
         return words
 
-    def _cut(self, s: ASRState, feats: torch.Tensor, end: float) -> list[Frame]:
+    def _cut(self, s: ASRState, feats: torch.Tensor, end: float, latest: Decoded) -> list[Frame]:
         """A long window: emit the committed words as a final segment and start the window after
         them, so the encoder never sees more than ``max_window_s`` and cost stays flat."""
         if not s.committed:
@@ -294,8 +301,12 @@ class StreamingRecognizer:
         tok = self.m.tokenizer
         prompt = self._prompt(s, feats)
         real = int((end - s.window_start) / SECONDS_PER_POSITION)
-        words = word_timings(self.m.model, tok, feats, prompt, s.committed, s.committed_logprobs,
-                             self.m.alignment_heads, s.window_start, real)
+        # align the whole latest hypothesis, not the committed words alone: DTW must place every
+        # token, so the last committed word would otherwise stretch over the audio after it
+        n_words = len(group_words(tok, s.committed))
+        words = word_timings(self.m.model, tok, feats, prompt, s.committed + latest.tokens,
+                             s.committed_logprobs + latest.logprobs, self.m.alignment_heads, s.window_start, real)
+        words = words[:n_words]
         cut_at = words[-1].end if words else end
         frame = FinalText(
             pts=cut_at, utterance=s.utterance, text=tok.decode(s.committed).strip(), start=s.window_start,
