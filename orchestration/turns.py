@@ -93,17 +93,17 @@ class TurnConfig:
     #: silence after the user's voice (ms) after which a likely turn end (eot >= respond_eot) is answered
     respond_gap_ms: Annotated[float, Field(ge=0, le=10000)] = 200.0
     #: the LLM's end-of-turn probability at or above which the user's turn counts as finished
-    respond_eot: Annotated[float, Field(gt=0, le=1)] = 0.5
+    respond_eot: Annotated[float, Field(gt=0, le=1)] = 0.05
     #: silence (ms) after which the turn is answered without a confident eot (eot unknown or >= unfinished_eot)
-    long_gap_ms: Annotated[float, Field(ge=0, le=10000)] = 800.0
+    long_gap_ms: Annotated[float, Field(ge=0, le=10000)] = 700.0
     #: eot below which the user is clearly mid-sentence ("a table for"): wait up to max_wait_ms instead
-    unfinished_eot: Annotated[float, Field(ge=0, le=1)] = 0.15
+    unfinished_eot: Annotated[float, Field(ge=0, le=1)] = 0.003
     #: silence (ms) after which any turn with words is answered, whatever the probability
     max_wait_ms: Annotated[float, Field(ge=0, le=60000)] = 2500.0
     #: eot at or above which a speculative reply starts generating before the turn is taken
-    speculate_eot: Annotated[float, Field(gt=0, le=1)] = 0.8
+    speculate_eot: Annotated[float, Field(gt=0, le=1)] = 0.2
     #: silence (ms) before a speculative reply may start
-    speculate_gap_ms: Annotated[float, Field(ge=0, le=10000)] = 100.0
+    speculate_gap_ms: Annotated[float, Field(ge=0, le=10000)] = 0.0
     # -- SPEAK: barge-in
     #: pause the agent's audio as soon as a user voice onset is heard while it speaks (fast barge-in)
     pause_on_onset: bool = True

@@ -140,6 +140,14 @@ class SpeechEnded(DataFrame):
         return self.pts - self.start
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class VoiceActivity(DataFrame):
+    """The VAD's raw per-hop decision changed at ``pts``: voice (``speech``) or not. Only
+    changes are sent; VAD's segment decisions (SpeechStarted/Ended) lag these by its hangovers."""
+
+    speech: bool = False
+
+
 @dataclass(frozen=True, slots=True)
 class Word:
     """A recognised word with its audio times (pipeline clock) and confidence (0..1)."""
@@ -189,6 +197,24 @@ class FinalText(DataFrame):
     language: str = ""
     #: True when the utterance goes on (a long monologue cut at a committed boundary)
     continued: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AgentText(DataFrame):
+    """A clause of the agent's reply, as it goes to the TTS (reply ``reply``)."""
+
+    text: str = ""
+    reply: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TurnEvent(DataFrame):
+    """A turn change: ``agent_start`` / ``agent_end`` (the agent's audio began / played out),
+    ``barge_in`` (the user interrupted; ``text`` is what the user heard of the reply)."""
+
+    kind: str = ""
+    reason: str = ""
+    text: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -26,7 +26,7 @@ import webrtcvad
 from pydantic import Field
 
 from .errors import DuplexError
-from .frames import INTERNAL_RATE, AudioFrame, Frame, SpeechEnded, SpeechStarted
+from .frames import INTERNAL_RATE, AudioFrame, Frame, SpeechEnded, SpeechStarted, VoiceActivity
 from .pipeline import Stage
 
 HOP = 512  # Silero's 16 kHz hop: 32 ms
@@ -58,6 +58,9 @@ class VADConfig:
     min_silence_ms: Annotated[float, Field(ge=0)] = 400.0
     #: added before each start and after each end, so word edges are not clipped
     speech_pad_ms: Annotated[float, Field(ge=0)] = 64.0
+    #: also send VoiceActivity frames when the raw per-hop decision changes (the coordinator
+    #: measures silence and barge-in onsets from them, without the segment hangovers)
+    activity_events: bool = False
 
     def __post_init__(self) -> None:
         if self.neg_threshold > self.threshold:
@@ -140,6 +143,7 @@ class VADState:
     segment_start: float = 0.0
     silero_hops: int = 0  # hops Silero actually ran on (the cost the gate saves)
     last_prob: float = 0.0
+    voiced: bool = False  # the last raw decision sent as VoiceActivity
 
 
 class TwoStageVAD:
@@ -235,6 +239,11 @@ class TwoStageVAD:
             is_speech = prob >= c.threshold
             is_silence = prob < c.neg_threshold
         s.preroll.append(window)
+        if c.activity_events:
+            voiced = is_speech or (s.voiced and not is_silence)  # the same hysteresis
+            if voiced != s.voiced:
+                s.voiced = voiced
+                events.append(VoiceActivity(pts=t_end, speech=voiced))
         self._decide(s, t, t_end, is_speech, is_silence, events)
 
     def _webrtc_fraction(self, s: VADState, hop: np.ndarray) -> float:

@@ -77,9 +77,14 @@ def utterance(onset: float, end: float, partials=(), final: str | None = None, h
     return evs + voice(onset, end, hops)
 
 
+# the eot values in these tables are written against these thresholds; the shipped defaults are
+# calibrated to the dialogue model's sentence-end reading and may move without changing the policy
+TABLE_THRESHOLDS = dict(respond_eot=0.5, unfinished_eot=0.15, speculate_eot=0.8, speculate_gap_ms=100.0, long_gap_ms=800.0)
+
+
 def play(events, **cfg):
     """Run time-sorted events (stable for equal times); return (state, [(t, action)])."""
-    state, trace = run(sorted(events, key=lambda e: e.t), TurnConfig(**cfg))
+    state, trace = run(sorted(events, key=lambda e: e.t), TurnConfig(**{**TABLE_THRESHOLDS, **cfg}))
     return state, [(ev.t, a) for ev, acts in trace for a in acts]
 
 

@@ -150,6 +150,17 @@ class StreamingRecognizer:
             return []
         return self._partial(state, end)
 
+    def hypothesise(self, state: ASRState, min_new_ms: float = 100.0) -> list[Frame]:
+        """A hypothesis now, off the step grid: the speaker paused, and whoever waits for the
+        words (the coordinator deciding whether the turn is over) wants them before VAD ends
+        the utterance. Nothing when less than ``min_new_ms`` of audio is new."""
+        if not state.in_speech or state.buf_start is None:
+            return []
+        end = self._buf_end(state)
+        if (end - state.last_decode_end) * 1000 < min_new_ms:
+            return []
+        return self._partial(state, end)
+
     def start(self, state: ASRState, pts: float) -> None:
         """Speech began at ``pts`` (VAD's padded estimate)."""
         if state.in_speech:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from ..frames import INTERNAL_RATE, AudioFrame, Frame, SpeechEnded, SpeechStarted
+from ..frames import INTERNAL_RATE, AudioFrame, Frame, SpeechEnded, SpeechStarted, VoiceActivity
 from ..pipeline import Stage
 from .recognizer import StreamingRecognizer
 
@@ -41,6 +41,12 @@ class ASRStage(Stage):
         if isinstance(frame, SpeechStarted):
             await self.run_blocking(rec.start, self.state, frame.pts)
             await self.push(frame)
+            return
+        if isinstance(frame, VoiceActivity) and not frame.speech:
+            # the voice paused: the words so far now, not at the next step or VAD's end
+            await self.push(frame)
+            if self.backlog() == 0:
+                await self._emit(await self.run_blocking(rec.hypothesise, self.state))
             return
         if isinstance(frame, SpeechEnded):
             await self.push(frame)
