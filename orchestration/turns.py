@@ -77,9 +77,10 @@ __all__ = [
 ]
 
 DEFAULT_BACKCHANNELS = (
-    "uh-huh", "uh huh", "mm-hmm", "mm hmm", "mhm", "mm", "hmm", "yeah", "yes", "yep", "yup", "right",
-    "okay", "ok", "sure", "i see", "got it", "alright", "all right", "oh", "ah", "wow", "cool",
-    "exactly", "true", "thanks", "thank you",
+    "uh-huh", "mm-hmm", "mhm", "yeah", "yes", "yep", "yup", "right", "okay", "ok", "sure", "i see",
+    "got it", "alright", "all right", "oh", "wow", "cool", "exactly", "true", "thanks", "thank you",
+    # non-lexical sounds: Whisper writes a murmured "uh-huh"/"mm-hmm" as any of these
+    "uh", "um", "m", "mm", "hm", "hmm", "huh", "ah", "ahh", "aha", "eh", "ugh", "haha",
 )
 DEFAULT_STOP_PHRASES = (
     "stop", "wait", "hold on", "hang on", "no no", "excuse me", "sorry", "pause", "shut up",
@@ -145,11 +146,14 @@ class TurnConfig:
 # --------------------------------------------------------------------------------------- words
 
 _WORD = re.compile(r"[a-z0-9']+")
+_RUN = re.compile(r"([a-z])\1{2,}")
 
 
 def normalize_words(text: str) -> tuple[str, ...]:
-    """Lower-case words without punctuation; hyphens split ("Uh-huh." -> ("uh", "huh"))."""
-    return tuple(w.strip("'") for w in _WORD.findall(text.lower().replace("\u2019", "'")) if w.strip("'"))
+    """Lower-case words without punctuation; hyphens split ("Uh-huh." -> ("uh", "huh")); a letter
+    repeated three times or more counts twice ("MMMM" -> "mm", "Ahhh" -> "ahh")."""
+    text = _RUN.sub(r"\1\1", text.lower().replace("\u2019", "'"))
+    return tuple(w.strip("'") for w in _WORD.findall(text) if w.strip("'"))
 
 
 @functools.lru_cache(maxsize=8)

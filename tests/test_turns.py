@@ -497,6 +497,9 @@ def test_barge_in_latency_table(capsys):
         ("I see.", None, 0), ("OK.", None, 0), ("Okay, sure.", None, 0), ("Stop!", "stop", 1),
         ("No, no, no.", "no no", 3), ("Hold on a second", "hold on", 4), ("What about Tuesday", "what", 3),
         ("Actually I prefer Greece", None, 4), ("yeah but", None, 1), ("", None, 0),
+        # what Whisper tiny.en wrote for synthesised "uh-huh" and "mm-hmm"
+        ("Uh-uh.", None, 0), ("M-M-M.", None, 0), ("MMMMMMM", None, 0), ("AHHH", None, 0), ("Mm.", None, 0),
+        ("Ugh.", None, 0), ("Haha.", None, 0),
     ],
 )
 def test_classify_words(text, stop, other):
@@ -506,6 +509,7 @@ def test_classify_words(text, stop, other):
 def test_normalize_words():
     assert normalize_words("Uh-huh. I’m  OK!") == ("uh", "huh", "i'm", "ok")
     assert normalize_words("...") == ()
+    assert normalize_words("MMMM, Ahhhh! Soooo good") == ("mm", "ahh", "soo", "good")
 
 
 def test_config_validation_and_toml_section():
