@@ -2,7 +2,9 @@
 
 1. **Latency, side by side.** The same files, streamed at real-time pace in 20 ms blocks through the
    same loaded models, once through the in-process API (``Session.push_audio`` → ``events()``) and
-   once as protocol frames through a Mosquitto broker to the service and back to a subscriber.
+   once as protocol frames through a Mosquitto broker to the service and back to a subscriber. The
+   satellites and the subscriber run in a process of their own (``bench_satellite``), as they would
+   on their own machines; the service runs in this one, next to the in-process sessions.
    Latency of a final is the wall time from the moment the audio at the end of its speech (as VAD
    marks it) was handed over to the moment the final reached the consumer; it includes VAD's
    end-of-speech wait, which is the same on both paths. Runs alternate path by path, file by file.
@@ -31,8 +33,7 @@ from streaming.frames import FinalText
 
 from .config import DuplexConfig
 from .mosquitto import Mosquitto
-from .mqtt_client import MqttPeer, stream_audio
-from .mqtt_protocol import FLAG_END, FinalEvent, AckEvent, Topics, build_audio_frame
+from .mqtt_protocol import Topics
 from .service import BrokerSettings, MqttService
 from .session import Session, SharedModels
 
@@ -75,8 +76,9 @@ def _wall_at(sent: list[float], t: float) -> float:
 # ------------------------------------------------------------------------------- in-process
 
 
-async def inprocess_latencies(models: SharedModels, cfg: DuplexConfig, audio: np.ndarray) -> list[float]:
-    """Stream ``audio`` into a fresh session at real-time pace; ms per final."""
+async def inprocess_latencies(models: SharedModels, cfg: DuplexConfig, audio: np.ndarray) -> tuple[list[float], list[float]]:
+    """Stream ``audio`` into a fresh session at real-time pace; ms per final: end of speech →
+    consumer, and inside the session (end of speech decided → final emitted)."""
     finals: list[tuple[float, float]] = []
     sent: list[float] = []
     async with Session(models, cfg, name="bench") as s:
@@ -94,87 +96,91 @@ async def inprocess_latencies(models: SharedModels, cfg: DuplexConfig, audio: np
             sent.append(time.monotonic())
         await s.finish()
         await consumer
-    return [(t - _wall_at(sent, end)) * 1000 for end, t in finals]
+    return [(t - _wall_at(sent, end)) * 1000 for end, t in finals], [ms for _, ms in s.final_latencies]
 
 
 # ------------------------------------------------------------------------------------- MQTT
 
 
 class _Rig:
-    """A service, a satellite and a subscriber on one broker."""
+    """The service in this process; satellites and subscriber in another (``bench_satellite``)."""
 
     def __init__(self, cfg: DuplexConfig, models: SharedModels, broker: BrokerSettings) -> None:
         mc = dataclasses.replace(cfg.mqtt, max_sites=1000, inbox_frames=5000)
         self.svc = MqttService(cfg, broker, models=models, mqtt=mc, client_id="duplex-bench-service")
         self.topics = Topics(mc.topic_prefix)
         self.broker = broker
-        self.finals: dict[str, list[tuple[FinalEvent, float]]] = {}
-        self.acks: set[str] = set()
 
     async def __aenter__(self) -> "_Rig":
+        import multiprocessing
+
+        from . import bench_satellite
+
         self._svc_task = asyncio.create_task(self.svc.run())
         await asyncio.wait_for(self.svc.connected.wait(), 15)
-        b, p = self.broker, self.topics.prefix
-        creds = {"username": b.username, "password": b.password}
-        self.sat = MqttPeer(b.host, b.port, client_id="duplex-bench-satellite", clean_session=True, **creds)
-        self.sub = MqttPeer(b.host, b.port, client_id="duplex-bench-listener", clean_session=True,
-                            subscriptions=[(f"{p}/+/events/final", 1), (f"{p}/+/events/ack", 1)], **creds)
-        await self.sat.__aenter__()
-        await self.sub.__aenter__()
-        self._listen = asyncio.create_task(self._listener())
+        b = self.broker
+        ctx = multiprocessing.get_context("spawn")  # no fork of a process with model threads
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=bench_satellite.main, name="duplex-bench-satellites", daemon=True,
+                                 args=(child, b.host, b.port, self.topics.prefix, b.username, b.password))
+        self._proc.start()
+        child.close()
+        if (await self._recv(60))[0] != "ready":
+            raise DuplexError("the satellite process did not start")
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        self._listen.cancel()
-        await self.sub.__aexit__()
-        await self.sat.__aexit__()
+        try:
+            self._conn.send(("stop",))
+        except OSError:
+            pass
+        await asyncio.to_thread(self._proc.join, 10)
+        if self._proc.is_alive():
+            self._proc.terminate()
         self.svc.stop()
         await asyncio.wait_for(self._svc_task, 20)
 
-    async def _listener(self) -> None:
-        while True:
-            r = await self.sub.inbox.get()
-            if r.topic.endswith("/events/final"):
-                ev = FinalEvent.model_validate_json(r.payload)
-                self.finals.setdefault(ev.site, []).append((ev, r.t))
-            else:
-                self.acks.add(AckEvent.model_validate_json(r.payload).id)
+    async def _recv(self, timeout: float) -> tuple[Any, ...]:
+        if not await asyncio.to_thread(self._conn.poll, timeout):
+            raise DuplexError(f"the satellite process did not answer within {timeout:.0f} s")
+        return self._conn.recv()
 
-    async def drained(self, site: str, seq: int, timeout: float) -> bool:
-        """End the site's stream (flush) and wait until everything it said has come back."""
-        self.sat.publish(self.topics.audio_in(site), build_audio_frame(seq, b"", RATE, flags=FLAG_END), qos=1)
-        self.sat.command(self.topics, site, type="set_mode", mode="captions", id=f"drain-{site}")
-        deadline = time.monotonic() + timeout
-        while f"drain-{site}" not in self.acks:
-            if time.monotonic() > deadline:
-                return False
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(0.2)  # the ack can overtake the last final, which goes through the outbox
-        return True
+    async def stream(self, audios: dict[str, np.ndarray]) -> tuple[dict[str, list[float]], dict[str, int]]:
+        """Stream each site's audio at real-time pace, all at once; (handover times per frame, next seq)."""
+        self._conn.send(("stream", list(audios.items())))
+        _, sent, seqs = await self._recv(max(len(a) for a in audios.values()) / RATE + 60)
+        return sent, seqs
 
-    def latencies(self, site: str, sent: list[float]) -> tuple[list[float], list[float], list[float]]:
+    async def drain(self, seqs: dict[str, int], timeout: float) -> tuple[dict[str, bool], float, dict[str, list]]:
+        """End the streams and wait until everything has come back: (ok, seconds, finals per site)."""
+        self._conn.send(("drain", seqs, timeout))
+        _, ok, drain_s, finals = await self._recv(timeout + 30)
+        return ok, drain_s, finals
+
+    def latencies(self, site: str, sent: list[float], finals: list[tuple[int, float, float]]) -> tuple[list[float], list[float], list[float]]:
         """Per final, ms: end of speech → subscriber; satellite → session (the audio at the end of
         speech); service → subscriber (the final). The last two are what MQTT adds."""
         produced = {seq: t for s, seq, _, t in self.svc.finals_log if s == site}
         session = self.svc.sites[site].session
         e2e, inbound, outbound = [], [], []
-        for ev, t in self.finals.get(site, []):
-            handed = _wall_at(sent, ev.end)
+        for seq, end, t in finals:
+            handed = _wall_at(sent, end)
             e2e.append((t - handed) * 1000)
-            pushed = session.pushed_at(ev.end)
+            pushed = session.pushed_at(end)
             if pushed is not None:
                 inbound.append((pushed - handed) * 1000)
-            if ev.seq in produced:
-                outbound.append((t - produced[ev.seq]) * 1000)
+            if seq in produced:
+                outbound.append((t - produced[seq]) * 1000)
         return e2e, inbound, outbound
 
 
-async def mqtt_latencies(rig: _Rig, site: str, audio: np.ndarray) -> tuple[list[float], list[float], list[float]]:
-    sent: list[float] = []
-    seq = await stream_audio(rig.sat, rig.topics, site, audio, speed=1.0, sent_at=sent)
-    if not await rig.drained(site, seq, 30):
+async def mqtt_latencies(rig: _Rig, site: str, audio: np.ndarray) -> tuple[list[float], ...]:
+    sent, seqs = await rig.stream({site: audio})
+    ok, _, finals = await rig.drain(seqs, 30)
+    if not ok[site]:
         raise DuplexError(f"site {site} did not finish within 30 s")
-    return rig.latencies(site, sent)
+    inside = [ms for _, ms in rig.svc.sites[site].session.final_latencies]
+    return (*rig.latencies(site, sent[site], finals[site]), inside)
 
 
 # ------------------------------------------------------------------------------- capacity
@@ -192,8 +198,7 @@ def site_audio(clips: list[np.ndarray], offset: int, seconds: float) -> np.ndarr
 
 async def capacity_run(rig: _Rig, n: int, clips: list[np.ndarray], seconds: float) -> dict[str, Any]:
     sites = [f"cap{n}-{i}" for i in range(n)]
-    audios = [site_audio(clips, i, seconds) for i in range(n)]
-    sent: dict[str, list[float]] = {s: [] for s in sites}
+    audios = {s: site_audio(clips, i, seconds) for i, s in enumerate(sites)}
     backlog = 0.0
     stop = asyncio.Event()
 
@@ -208,25 +213,26 @@ async def capacity_run(rig: _Rig, n: int, clips: list[np.ndarray], seconds: floa
 
     watcher = asyncio.create_task(watch())
     cpu0, wall0 = time.process_time(), time.monotonic()
-    seqs = await asyncio.gather(*(stream_audio(rig.sat, rig.topics, s, a, speed=1.0, sent_at=sent[s]) for s, a in zip(sites, audios)))
+    sent, seqs = await rig.stream(audios)
     cpu1, wall1 = time.process_time(), time.monotonic()
-    drained = await asyncio.gather(*(rig.drained(s, q, DRAIN_S + 10) for s, q in zip(sites, seqs)))
-    drain_s = time.monotonic() - wall1
+    ok, drain_s, finals = await rig.drain(seqs, DRAIN_S + 10)
     stop.set()
     await watcher
     lat: list[float] = []
     partials = 0
     for s in sites:
-        lat += rig.latencies(s, sent[s])[0]
+        lat += rig.latencies(s, sent[s], finals[s])[0]
         partials += rig.svc.sites[s].session.counts["partials"]
-    audio_s = sum(len(a) for a in audios) / RATE
+    audio_s = sum(len(a) for a in audios.values()) / RATE
     p90 = _pct(lat, 90)
-    ok = all(drained) and drain_s <= DRAIN_S and backlog <= MAX_BACKLOG_S and p90 is not None and p90 <= LAG_P90_S * 1000
+    real_time = all(ok.values()) and drain_s <= DRAIN_S and backlog <= MAX_BACKLOG_S and p90 is not None and p90 <= LAG_P90_S * 1000
     return {
         "sites": n, "audio_s_per_site": round(audio_s / n, 1), "finals": len(lat), "latency": _stats(lat),
         "max_backlog_s": round(backlog, 2), "drain_s": round(drain_s, 2),
-        "partials_per_audio_s": round(partials / audio_s, 2), "cpu_cores_busy": round((cpu1 - cpu0) / (wall1 - wall0), 2),
-        "real_time": ok,
+        "partials_per_audio_s": round(partials / audio_s, 2),
+        # the service's process only: the satellites and the broker run in processes of their own
+        "service_cpu_cores": round((cpu1 - cpu0) / (wall1 - wall0), 2),
+        "real_time": real_time,
     }
 
 
@@ -249,15 +255,26 @@ async def _bench(cfg: DuplexConfig, files: list[Path], broker_url: str | None, *
             mqtt: list[float] = []
             inbound: list[float] = []
             outbound: list[float] = []
+            inside_inproc: list[float] = []
+            inside_mqtt: list[float] = []
+            cpu = {"inprocess": 0.0, "mqtt": 0.0}
+            audio_total = 0.0
             per_file = []
             k = 0
             for r in range(repeat):
                 for f, clip in zip(files, clips):
                     audio = np.concatenate([np.zeros(int(0.3 * RATE), np.float32), clip, np.zeros(int(TRAIL_S * RATE), np.float32)])
                     progress(f"latency {f.name} ({r + 1}/{repeat})")
-                    a = await inprocess_latencies(models, cfg, audio)
+                    c0 = time.process_time()
+                    a, ia = await inprocess_latencies(models, cfg, audio)
+                    c1 = time.process_time()
                     k += 1
-                    b, hin, hout = await mqtt_latencies(rig, f"lat{k}", audio)
+                    b, hin, hout, ib = await mqtt_latencies(rig, f"lat{k}", audio)
+                    cpu["inprocess"] += c1 - c0
+                    cpu["mqtt"] += time.process_time() - c1
+                    audio_total += len(audio) / RATE
+                    inside_inproc += ia
+                    inside_mqtt += ib
                     inproc += a
                     mqtt += b
                     inbound += hin
@@ -271,6 +288,9 @@ async def _bench(cfg: DuplexConfig, files: list[Path], broker_url: str | None, *
             latency = {
                 "inprocess": _stats(inproc), "mqtt": _stats(mqtt), "satellite_to_session": _stats(inbound),
                 "service_to_subscriber": _stats(outbound), "mqtt_added": _stats(added),
+                "session_inprocess": _stats(inside_inproc), "session_mqtt": _stats(inside_mqtt),
+                # CPU seconds of this process (sessions, service, event loop) per second of audio
+                "cpu_per_audio_s": {k: round(v / audio_total, 3) for k, v in cpu.items()},
                 "paired_difference": _stats(paired),
                 "difference_p50_ms": round(_pct(mqtt, 50) - _pct(inproc, 50), 1) if inproc and mqtt else None,
                 "difference_p90_ms": round(_pct(mqtt, 90) - _pct(inproc, 90), 1) if inproc and mqtt else None,
@@ -328,23 +348,29 @@ def markdown(res: dict[str, Any]) -> str:
         row("MQTT hop in: satellite → broker → service → session", lat["satellite_to_session"]),
         row("MQTT hop out: final → broker → subscriber", lat["service_to_subscriber"]),
         row("MQTT hops together, per final", lat["mqtt_added"]),
+        row("inside the session, in-process run: end of speech decided → final", lat["session_inprocess"]),
+        row("inside the session, MQTT run: end of speech decided → final", lat["session_mqtt"]),
         "",
         f"MQTT p50 minus in-process p50: **{lat['difference_p50_ms']} ms** (p90: {lat['difference_p90_ms']} ms); "
         f"median of the paired differences (same file, same repeat): **{lat['paired_difference']['p50_ms']} ms**. "
-        "Both also carry the recogniser's own run-to-run jitter (the paired differences spread from "
+        "Both carry the recogniser's own run-to-run jitter and its slowdown when the broker and the satellites "
+        "compete for the same cores (the two 'inside the session' rows; the paired differences spread from "
         f"{round(min(paired_ms), 1) if (paired_ms := [b - a for r in lat['runs'] for a, b in zip(r['inprocess_ms'], r['mqtt_ms'])]) else '-'} to "
         f"{round(max(paired_ms), 1) if paired_ms else '-'} ms); the hops are measured directly on the same finals.",
+        "",
+        f"CPU of the service's process per second of audio: {lat['cpu_per_audio_s']['inprocess']} s in-process, "
+        f"{lat['cpu_per_audio_s']['mqtt']} s over MQTT (the broker and the satellites run in other processes).",
         "",
         "## Concurrent sites streaming in real time",
         "",
         f"Real time = every site drained within {DRAIN_S:.0f} s of its audio ending, at most {MAX_BACKLOG_S} s of audio "
         f"waiting for recognition, and final latency p90 at most {LAG_P90_S} s.",
         "",
-        "| sites | finals | latency p50 ms | p90 ms | max backlog s | drain s | partials per audio s | CPU cores busy | real time |",
+        "| sites | finals | latency p50 ms | p90 ms | max backlog s | drain s | partials per audio s | service CPU cores | real time |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res["capacity"]:
         out.append(f"| {r['sites']} | {r['finals']} | {r['latency']['p50_ms']} | {r['latency']['p90_ms']} | {r['max_backlog_s']} | "
-                   f"{r['drain_s']} | {r['partials_per_audio_s']} | {r['cpu_cores_busy']} | {'yes' if r['real_time'] else 'no'} |")
+                   f"{r['drain_s']} | {r['partials_per_audio_s']} | {r['service_cpu_cores']} | {'yes' if r['real_time'] else 'no'} |")
     out += ["", f"**{res['sustained_sites']} concurrent site(s) sustained in real time** on {res['cpu_count']} CPUs."]
     return "\n".join(out)

@@ -289,6 +289,8 @@ class Session:
         self._accepting = True
         self._closed = False
         self.counts = {"finals": 0, "partials": 0, "errors": 0, "restarts": 0, "turns": 0}
+        #: (end of speech, final_latency_ms) of recent finals, as in their Metrics events
+        self.final_latencies: deque[tuple[float, float]] = deque(maxlen=1000)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -412,6 +414,7 @@ class Session:
                 pushed = self._wall_at(self._end_detected)
                 if pushed is not None:
                     values["final_latency_ms"] = round((time.monotonic() - pushed) * 1000, 1)
+                    self.final_latencies.append((frame.pts, values["final_latency_ms"]))
                 self._end_detected = None
             self._emit(Metrics(values=types.MappingProxyType(values), pts=frame.pts))
 
