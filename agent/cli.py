@@ -45,6 +45,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, help="stop after this many seconds of microphone audio")
     p.add_argument("--json", action="store_true", help="one JSON object per event")
 
+    p = sub.add_parser("talk", help="the live conversation on the microphone and speaker (see converse without them)")
+    _common(p)
+    p.add_argument("--input", metavar="DEVICE", help="input device index or name (see `duplex devices`)")
+    p.add_argument("--output", metavar="DEVICE", help="output device index or name")
+    p.add_argument("--seconds", type=float, help="stop after this many seconds")
+
+    p = sub.add_parser("converse", help="a scripted user talks to the agent in a simulated room, in real time")
+    _common(p)
+    p.add_argument("--script", required=True, metavar="SCENARIO.json", help="scenario file (docs/scenarios.md)")
+    p.add_argument("--json", action="store_true", help="one JSON object per event; the summary is the last line")
+    p.add_argument("--out", type=Path, metavar="WAV", help="write the conversation as stereo WAV (user left, agent right)")
+    p.add_argument("--no-echo", action="store_true", help="the agent's voice does not reach the microphone")
+
     p = sub.add_parser("devices", help="list audio input and output devices")
     _common(p)
     p.add_argument("--json", action="store_true", help="JSON array instead of a table")
@@ -124,6 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="manifest.tsv of the speech data, for the user's voice (default: ../shared/data/speech)")
     b.add_argument("--rooms", type=int, help="only the first N of the four rooms (a quick look)")
     b.add_argument("--json", "--json-out", dest="json_out", type=Path, metavar="PATH", help="also write the results as JSON")
+    b = bench.add_parser("duplex", help="the shipped conversation scenarios: response latency, barge-in, CPU")
+    _common(b)
+    b.add_argument("--scenarios", metavar="DIR", help="folder of scenario files (default: the shipped set)")
+    b.add_argument("--limit", type=int, help="only the first N scenarios")
+    b.add_argument("--no-echo", action="store_true", help="no echo path in the simulated room")
+    b.add_argument("--out-dir", default="bench-duplex", help="where report.md and latency.png go")
+    b.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     b = bench.add_parser("mqtt", help="final-transcript latency in-process vs over MQTT, and concurrent sites in real time")
     _common(b)
     b.add_argument("--manifest", type=Path, metavar="PATH", help="manifest.tsv of the speech data (default: ../shared/data/speech)")
@@ -463,7 +483,28 @@ def cmd_serve(args: argparse.Namespace, cfg: DuplexConfig) -> int:
     return 0
 
 
+def cmd_talk(args: argparse.Namespace, cfg: DuplexConfig) -> int:
+    from .duplex_cmds import run_talk
+
+    return run_talk(args, cfg)
+
+
+def cmd_converse(args: argparse.Namespace, cfg: DuplexConfig) -> int:
+    from .duplex_cmds import run_converse
+
+    return run_converse(args, cfg)
+
+
+def cmd_bench_duplex(args: argparse.Namespace, cfg: DuplexConfig) -> int:
+    from .duplex_cmds import run_bench_duplex
+
+    return run_bench_duplex(args, cfg)
+
+
 _COMMANDS = {
+    "talk": cmd_talk,
+    "converse": cmd_converse,
+    "bench-duplex": cmd_bench_duplex,
     "serve": cmd_serve,
     "bench-mqtt": cmd_bench_mqtt,
     "bench-asr": cmd_bench_asr,

@@ -77,15 +77,14 @@ def split_clause(buffer: str, first: bool, max_words: int) -> tuple[str, str] | 
     """The next speakable clause at the start of ``buffer`` and the rest, or None (wait for more).
     The first clause of a reply is cut early (a few words) so that audio can start soon."""
     m = _CLAUSE_END.search(buffer)
-    words = buffer.split()
     limit = 4 if first else max_words
     if m and len(buffer[: m.end()].split()) >= (1 if first else 2):
         return buffer[: m.end()].strip(), buffer[m.end() :]
+    words = list(re.finditer(r"\S+", buffer))
     if len(words) > limit:
-        # no punctuation yet: cut after ``limit`` words (the last word may still be growing)
-        head = " ".join(words[:limit])
-        idx = buffer.find(words[limit - 1]) + len(words[limit - 1])
-        return head, buffer[idx:]
+        # no punctuation yet: cut after ``limit`` words (a word after them shows the last is whole)
+        end = words[limit - 1].end()
+        return buffer[:end].strip(), buffer[end:]
     return None
 
 
@@ -124,13 +123,23 @@ class Coordinator(Stage):
         self._eot_busy = False
         self._eot_text: str | None = None
         self._closed = False
-        self.turn_latencies: list[float] = []
+        self._vad_direct = False
 
     # -- pipeline side ----------------------------------------------------------------------
 
-    async def process(self, frame: Frame) -> None:
+    def tap(self) -> Stage:
+        """A stage to put right after VAD: it hands VAD's raw voice activity to the coordinator at
+        once, instead of behind the recogniser's queue (a decode in progress would delay a
+        barge-in onset by its whole duration); the same frames arriving later through ASR are
+        ignored. Segment decisions still come through ASR, in order with their transcripts."""
+        return _VADTap(self)
+
+    def observe_vad(self, frame: Frame) -> None:
         self._ensure_ticker()
-        now = self.clock.now()
+        self._vad_direct = True
+        self._on_vad(frame, self.clock.now())
+
+    def _on_vad(self, frame: Frame, now: float) -> None:
         if isinstance(frame, SpeechStarted):
             self._emit("user_speech_start", now, onset=frame.pts)
             self._step(T.UserSpeechStarted(now, onset=frame.pts))
@@ -138,7 +147,14 @@ class Coordinator(Stage):
             self._emit("user_speech_end", now, end=frame.pts)
             self._step(T.UserSpeechEnded(now, end=frame.pts))
         elif isinstance(frame, VoiceActivity):
+            self._emit("voice", now, speech=frame.speech, at=frame.pts)
             self._step(T.VoiceActivity(now, frame.speech))
+
+    async def process(self, frame: Frame) -> None:
+        self._ensure_ticker()
+        now = self.clock.now()
+        if isinstance(frame, (SpeechStarted, SpeechEnded)) or (isinstance(frame, VoiceActivity) and not self._vad_direct):
+            self._on_vad(frame, now)
         elif isinstance(frame, PartialText):
             self._emit("partial", now, stable=frame.stable, unstable=frame.unstable)
             self._step(T.UserText(now, frame.stable, frame.unstable, final=False))
@@ -432,6 +448,18 @@ class Coordinator(Stage):
     def _error(self, message: str) -> None:
         log.warning("%s", message)
         self._emit("error", self.clock.now(), message=message)
+
+
+class _VADTap(Stage):
+    def __init__(self, coordinator: Coordinator) -> None:
+        super().__init__()
+        self.name = "vad-tap"
+        self.coordinator = coordinator
+
+    async def process(self, frame: Frame) -> None:
+        if isinstance(frame, VoiceActivity):
+            self.coordinator.observe_vad(frame)
+        await self.push(frame)
 
 
 def _one_thread() -> None:

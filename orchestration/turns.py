@@ -568,6 +568,9 @@ def _on_eot(s: TurnState, ev: EotProbability, acts: list[Action]) -> TurnState:
 
 
 def _on_tick(s: TurnState, ev: Tick, acts: list[Action]) -> TurnState:
+    # voiced hops arrive as changes only: a run becomes an onset once it has lasted onset_ms
+    if s.mode is Mode.SPEAK and s.barge is None and s.hop_voice and _voice_active(s):
+        return _onset(s, s.hop_run, "voiced hops", acts, vad=s.vad_speech, skip=len(s.utt.split()))
     return s
 
 
