@@ -91,8 +91,13 @@ def run_talk(args, cfg: DuplexConfig) -> int:
         mic = MicSource(args.input or cfg.audio.input_device, block_ms=cfg.audio.block_ms,
                         sample_rate=cfg.audio.device_sample_rate or None, max_seconds=args.seconds)
     except DeviceError as exc:
-        raise DuplexError(f"{exc}; without a microphone and speaker, try `duplex converse --script "
-                          f"{SCENARIOS / 'respond_weather.json'}`") from None
+        demo = SCENARIOS / "respond_two_questions.json"
+        if args.input is not None or str(cfg.audio.input_device).strip().lower() not in ("", "default"):
+            raise DuplexError(f"{exc}; without a microphone and speaker, try `duplex converse --script {demo}`") from None
+        print(f"no microphone ({exc}): running the simulated conversation instead, "
+              f"as `duplex converse --script {demo}` does", flush=True)
+        args.script, args.json, args.out, args.no_echo = demo, False, None, False
+        return run_converse(args, cfg)
     print(f"loading models ({cfg.models.asr}, {cfg.models.llm}, {cfg.models.tts}) ...", flush=True)
     models = AgentModels.load(cfg)
     clock = RealClock()
