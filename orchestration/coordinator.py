@@ -8,8 +8,9 @@ the actions it returns; it decides nothing itself. Its parts:
   user's words are prefilled while they are still speaking and the end-of-turn signal is read
   from the cache after each new transcript; replies are generated there, token by token, and can
   be cancelled between tokens;
-* the reply is cut into clauses as it is generated; each clause goes to Piper on a second thread
-  and its audio into ``Playback`` at once, so the first clause plays while the rest is written;
+* the reply is cut into clauses as it is generated (the first after at most ``first_clause_words``
+  words, since the first audio waits for it); each clause goes to Piper on a second thread and its
+  audio into ``Playback`` at once, so the first clause plays while the rest is written;
 * ``Playback`` says what the user actually heard; a barge-in truncates the agent's turn in the LLM
   cache to exactly that, followed by an interruption marker;
 * a tick every ``tick_ms`` turns playback progress and the passing of time into turn events.
@@ -73,11 +74,11 @@ class _Reply:
     t_start: float = 0.0
 
 
-def split_clause(buffer: str, first: bool, max_words: int) -> tuple[str, str] | None:
+def split_clause(buffer: str, first: bool, max_words: int, first_words: int = 3) -> tuple[str, str] | None:
     """The next speakable clause at the start of ``buffer`` and the rest, or None (wait for more).
     The first clause of a reply is cut early (a few words) so that audio can start soon."""
     m = _CLAUSE_END.search(buffer)
-    limit = 4 if first else max_words
+    limit = first_words if first else max_words
     if m and len(buffer[: m.end()].split()) >= (1 if first else 2):
         return buffer[: m.end()].strip(), buffer[m.end() :]
     words = list(re.finditer(r"\S+", buffer))
@@ -102,6 +103,7 @@ class Coordinator(Stage):
         on_event: Callable[[dict], None] | None = None,
         tick_ms: float = 20.0,
         max_clause_words: int = 12,
+        first_clause_words: int = 3,
         name: str = "coordinator",
     ) -> None:
         super().__init__()
@@ -113,6 +115,7 @@ class Coordinator(Stage):
         self.on_event = on_event
         self.tick_s = tick_ms / 1000
         self.max_clause_words = max_clause_words
+        self.first_clause_words = first_clause_words
         self._llm = ThreadPoolExecutor(1, thread_name_prefix="duplex-llm", initializer=_one_thread)
         self._tts = ThreadPoolExecutor(1, thread_name_prefix="duplex-tts", initializer=_one_thread)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -293,7 +296,7 @@ class Coordinator(Stage):
             for piece in reply:
                 buf += piece
                 while True:
-                    cut = split_clause(buf, r.clauses == 0, self.max_clause_words)
+                    cut = split_clause(buf, r.clauses == 0, self.max_clause_words, self.first_clause_words)
                     if cut is None:
                         break
                     clause, buf = cut

@@ -68,7 +68,7 @@ class DialogueConfig:
     #: tokens of one user turn kept in the context; a longer monologue keeps its most recent part
     max_user_tokens: Annotated[int, Field(ge=16, le=65536)] = 256
     #: cap on the tokens of one reply (a runaway reply is cut here)
-    max_new_tokens: Annotated[int, Field(ge=1, le=4096)] = 96
+    max_new_tokens: Annotated[int, Field(ge=1, le=4096)] = 64
     #: 0 decodes greedily; above 0, samples from the top_k tokens at this temperature
     temperature: Annotated[float, Field(ge=0, le=2)] = 0.0
     #: sampling considers only this many most likely tokens

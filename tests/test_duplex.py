@@ -51,7 +51,7 @@ def test_playback_reports_the_end_of_a_reply():
     "buffer, first, cut",
     [
         ("Sure, I can help", True, ("Sure,", "I can help")),
-        ("The weather today is sunny and", True, ("The weather today is", " sunny and")),
+        ("The weather today is sunny and", True, ("The weather today", " is sunny and")),
         ("It is", True, None),
         ("It is sunny today. Take a", False, ("It is sunny today.", "Take a")),
         ("Ok. More", False, None),  # later clauses need two words before a cut
