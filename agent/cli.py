@@ -82,6 +82,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pace", choices=["realtime", "fast"], default="realtime", help="stream at real-time pace (default) or as fast as possible")
     p.add_argument("--json", action="store_true", help="one JSON object per file")
 
+    p = sub.add_parser("translate", help="speech translation of files, streaming (simultaneous) or whole-file")
+    _common(p)
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("--target", help="target language code (default: config translate.target)")
+    p.add_argument("--source", help="source language code, or auto (default: config translate.source)")
+    tm = p.add_mutually_exclusive_group()
+    tm.add_argument("--streaming", action="store_true", help="simultaneous: segments as the source commits (default)")
+    tm.add_argument("--offline", action="store_true", help="whole-file decoding, then translation")
+    p.add_argument("--model", help="Whisper model (default: config models.asr, or whisper:base if that is English-only)")
+    p.add_argument("--pace", choices=["realtime", "fast"], default="realtime", help="stream at real-time pace (default) or as fast as possible")
+    p.add_argument("--json", action="store_true", help="one JSON object per file")
+
     p = sub.add_parser("models", help="list known models and where they come from; `models prepare` converts them")
     _common(p)
     p.add_argument("action", nargs="?", choices=["list", "prepare"], default="list")
@@ -144,6 +156,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-echo", action="store_true", help="no echo path in the simulated room")
     b.add_argument("--out-dir", default="bench-duplex", help="where report.md and latency.png go")
     b.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    b = bench.add_parser("translate", help="speech translation: BLEU, chrF, lagging, RTF; streaming vs offline vs faster-whisper")
+    _common(b)
+    b.add_argument("--manifest", required=True, type=Path, metavar="PATH", help="manifest.tsv of the speech data")
+    b.add_argument("--source", default="es,fr,it", help="source language(s), comma-separated (default es,fr,it)")
+    b.add_argument("--target", default="en", help="target language (default en; references exist for en only)")
+    b.add_argument("--model", default="whisper:base", help="multilingual Whisper model (default whisper:base)")
+    b.add_argument("--systems", metavar="S1,S2", help="only these of streaming, offline, fw, cascade (default: the first three)")
+    b.add_argument("--limit", type=int, help="only the N shortest files per language (a quick look)")
+    b.add_argument("--out-dir", type=Path, default=Path("bench-translate"), help="where translate.md and translate.json go")
     b = bench.add_parser("mqtt", help="final-transcript latency in-process vs over MQTT, and concurrent sites in real time")
     _common(b)
     b.add_argument("--manifest", type=Path, metavar="PATH", help="manifest.tsv of the speech data (default: ../shared/data/speech)")
@@ -483,6 +504,18 @@ def cmd_serve(args: argparse.Namespace, cfg: DuplexConfig) -> int:
     return 0
 
 
+def cmd_translate(args: argparse.Namespace, cfg: DuplexConfig) -> int:
+    from .translate_cmd import run_translate
+
+    return run_translate(args, cfg)
+
+
+def cmd_bench_translate(args: argparse.Namespace, cfg: DuplexConfig) -> int:
+    from .bench_translate import run_bench_translate
+
+    return run_bench_translate(args, cfg)
+
+
 def cmd_talk(args: argparse.Namespace, cfg: DuplexConfig) -> int:
     from .duplex_cmds import run_talk
 
@@ -502,6 +535,8 @@ def cmd_bench_duplex(args: argparse.Namespace, cfg: DuplexConfig) -> int:
 
 
 _COMMANDS = {
+    "translate": cmd_translate,
+    "bench-translate": cmd_bench_translate,
     "talk": cmd_talk,
     "converse": cmd_converse,
     "bench-duplex": cmd_bench_duplex,

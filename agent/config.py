@@ -21,6 +21,7 @@ from pydantic import Field, TypeAdapter, ValidationError
 
 from orchestration.dialogue import DialogueConfig
 from orchestration.turns import TurnConfig
+from orchestration.translate import TranslateConfig
 from streaming.aec import AECConfig
 from streaming.errors import ConfigError
 from streaming.asr.recognizer import ASRConfig
@@ -87,6 +88,7 @@ class DuplexConfig:
     models: ModelsConfig = field(default_factory=ModelsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
+    translate: TranslateConfig = field(default_factory=TranslateConfig)
 
 
 _ADAPTER = TypeAdapter(DuplexConfig)

@@ -1,0 +1,356 @@
+"""``duplex bench translate``: speech translation quality and latency, simultaneous vs offline.
+
+Data: the asterisk prompts of the shared speech manifest are parallel across languages, so a
+Spanish (French, Italian) prompt's reference is the English script of the same prompt id (only
+ids whose English script the manifest has are used).
+
+Systems, all on the same Whisper weights:
+
+* ``streaming``: our recogniser with Whisper's ``translate`` task, the simultaneous policy on its
+  stable words, replayed on a virtual clock that charges every step its measured compute time
+  (live latencies without idle waiting; see ``bench_asr``); the output is the emitted segments,
+  never revised;
+* ``offline``: our whole-file decoding (30 s windows) with the ``translate`` task;
+* ``fw``: faster-whisper ``task="translate"`` on the same CTranslate2 files, greedy, offline;
+* ``cascade`` (optional): our streaming recogniser transcribing the source, each emitted segment
+  translated by Apertium (pivoting through Spanish where there is no direct pair).
+
+Scores: BLEU and chrF (sacrebleu, corpus level) on normalised text (Whisper's English normaliser:
+case, punctuation, numbers as digits; the scripts write digits, Whisper often words). Latency:
+average lagging (AL, Ma et al. 2020 for speech, with the reference length) on emission times that
+include compute (computation-aware) and on the audio time read (non-computation-aware), and the
+ending offset: emission of the last word minus the end of the audio. RTF = compute / audio.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from orchestration.simultaneous import SimultaneousConfig, SimultaneousPolicy
+from orchestration.translate import Apertium
+from streaming.asr.recognizer import ASRConfig, StreamingRecognizer
+from streaming.audio_file import read_audio
+from streaming.errors import DuplexError
+from streaming.frames import FinalText, PartialText, SpeechEnded, SpeechStarted
+from streaming.vad import TwoStageVAD, VADConfig
+
+BLOCK = 320  # 20 ms frames, as the live pipeline
+SYSTEMS = {
+    "streaming": "ours, streaming (simultaneous)",
+    "offline": "ours, offline (whole file)",
+    "fw": "faster-whisper, offline, greedy",
+    "cascade": "ours streaming ASR + Apertium",
+}
+DEFAULT_SYSTEMS = ("streaming", "offline", "fw")
+
+
+@dataclass
+class Row:
+    path: Path
+    duration: float
+    prompt: str
+    source_text: str
+    reference: str
+
+
+def prompt_id(file: str) -> str | None:
+    name = Path(file).name
+    if not name.startswith("asterisk_"):
+        return None
+    return name[len("asterisk_"):].split("_", 1)[1].rsplit(".", 1)[0]
+
+
+def load_rows(manifest: Path, source: str, target: str = "en", limit: int | None = None) -> list[Row]:
+    if not manifest.exists():
+        raise DuplexError(f"no such manifest: {manifest}")
+    with open(manifest, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    refs = {prompt_id(r["file"]): r["transcript"] for r in rows
+            if r["language"] == target and prompt_id(r["file"]) and r["transcript_quality"].startswith("exact")}
+    out = [Row(manifest.parent / r["file"], float(r["duration_s"]), prompt_id(r["file"]), r["transcript"], refs[prompt_id(r["file"])])
+           for r in rows if r["language"] == source and prompt_id(r["file"]) in refs
+           and r["transcript_quality"].startswith("exact")]
+    if not out:
+        raise DuplexError(f"{manifest} has no {source} asterisk prompts with a {target} script of the same id")
+    if limit:
+        out = sorted(out, key=lambda r: r.duration)[:limit]
+    return out
+
+
+_NORMALIZER = None
+
+
+def normalize(text: str) -> str:
+    global _NORMALIZER
+    if _NORMALIZER is None:
+        from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
+
+        _NORMALIZER = EnglishTextNormalizer({})
+    text = text.replace("#", " pound ").replace("*", " star ").replace("-", " ")
+    return " ".join(_NORMALIZER(text).split())
+
+
+# ------------------------------------------------------------------------------------- runs
+
+
+@dataclass
+class Run:
+    text: str
+    #: (emission time on the virtual clock, audio time read) per emitted target word, in order
+    word_times: list[tuple[float, float]]
+    compute_s: float
+    audio_s: float
+
+
+def replay(recognizer: StreamingRecognizer, vad: TwoStageVAD, audio: np.ndarray, policy: SimultaneousPolicy,
+           translate=None) -> Run:
+    """One file through VAD + recogniser + policy (+ a text translator) on the virtual clock:
+    audio arrives at its real-time position, each piece of work takes the wall time it took."""
+    rs, vs, ps = recognizer.init_state(), vad.init_state(), policy.init_state()
+    busy = 0.0  # when the recogniser's worker is free
+    tr_busy = 0.0  # when the translator's worker is free (a thread of its own, as in the Interpreter)
+    compute = 0.0
+    words: list[tuple[float, float]] = []
+    texts: list[str] = []
+
+    def run(fn, *args, **kw):
+        nonlocal compute
+        t = time.perf_counter()
+        out = fn(*args, **kw)
+        dt = time.perf_counter() - t
+        compute += dt
+        return out, dt
+
+    def take(frames, now: float, read: float) -> None:
+        nonlocal tr_busy
+        for f in frames:
+            if isinstance(f, PartialText):
+                segs, dt = run(policy.partial, ps, f)
+            elif isinstance(f, FinalText):
+                segs, dt = run(policy.final, ps, f)
+            else:
+                continue
+            t = now + dt
+            for s in segs:
+                text = s.text
+                if translate is not None:
+                    text, dt2 = run(translate, text)
+                    tr_busy = max(tr_busy, t) + dt2
+                    t_emit = tr_busy
+                else:
+                    t_emit = t
+                texts.append(text)
+                words.extend((t_emit, read) for _ in text.split())
+
+    for i in range(0, len(audio), BLOCK):
+        chunk = audio[i : i + BLOCK]
+        t_avail = (i + len(chunk)) / 16000
+        now = max(t_avail, busy)
+        behind = busy > t_avail
+        events, dt = run(vad.step, vs, chunk, i / 16000)
+        now += dt
+        for e in events:
+            if isinstance(e, SpeechStarted):
+                recognizer.start(rs, e.pts)
+            elif isinstance(e, SpeechEnded):
+                out, dt = run(recognizer.end, rs, e.pts)
+                now += dt
+                take(out, now, t_avail)
+        out, dt = run(recognizer.push, rs, chunk, i / 16000, not behind)
+        now += dt
+        take(out, now, t_avail)
+        busy = now
+    end = len(audio) / 16000
+    now = max(end, busy)
+    out, dt = run(recognizer.finish, rs)
+    take(out, now + dt, end)
+    return Run(" ".join(texts), words, compute, end)
+
+
+def faster_whisper(ct2_dir: Path):
+    try:
+        from faster_whisper import WhisperModel
+    except ImportError:
+        raise DuplexError("faster-whisper is the benchmark peer: pip install 'duplex[bench]'") from None
+    # one thread, as our recogniser's worker: the real-time factors compare like with like
+    return WhisperModel(str(ct2_dir), device="cpu", compute_type="float32", cpu_threads=1)
+
+
+def run_fw(model, audio: np.ndarray, language: str) -> Run:
+    t = time.perf_counter()
+    segs, _ = model.transcribe(audio, language=language, task="translate", beam_size=1, vad_filter=False,
+                               without_timestamps=True)
+    text = " ".join(s.text.strip() for s in segs)
+    dt = time.perf_counter() - t
+    end = len(audio) / 16000
+    return Run(text, [(end + dt, end)] * len(text.split()), dt, end)
+
+
+def run_offline(bundle, audio_path: Path, asr: ASRConfig) -> Run:
+    from .transcribe import transcribe_offline
+
+    tr = transcribe_offline(audio_path, bundle, asr)
+    end = tr.audio_seconds
+    return Run(tr.text, [(end + tr.processing_seconds, end)] * len(tr.text.split()), tr.processing_seconds, end)
+
+
+# ----------------------------------------------------------------------------------- scores
+
+
+def average_lagging(delays: list[float], source_s: float, ref_words: int) -> float | None:
+    """AL = mean over i <= tau of d_i - (i - 1) * |X| / |Y*|, tau the first word emitted after the
+    whole source was read (Ma et al. 2020, with the reference length |Y*|)."""
+    if not delays or ref_words == 0:
+        return None
+    rate = source_s / ref_words
+    total, tau = 0.0, 0
+    for i, d in enumerate(delays):
+        total += d - i * rate
+        tau += 1
+        if d >= source_s:
+            break
+    return total / tau
+
+
+def score(runs: list[Run], refs: list[str]) -> dict:
+    import sacrebleu
+
+    hyps = [normalize(r.text) for r in runs]
+    nrefs = [normalize(r) for r in refs]
+    al_ca = [average_lagging([w[0] for w in r.word_times], r.audio_s, len(ref.split())) for r, ref in zip(runs, nrefs)]
+    al = [average_lagging([w[1] for w in r.word_times], r.audio_s, len(ref.split())) for r, ref in zip(runs, nrefs)]
+    eo = [r.word_times[-1][0] - r.audio_s for r in runs if r.word_times]
+    audio = sum(r.audio_s for r in runs)
+
+    def stats(v):
+        v = [x for x in v if x is not None]
+        return {"p50": float(np.median(v)), "mean": float(np.mean(v)), "p90": float(np.percentile(v, 90))} if v else None
+
+    return {
+        "bleu": sacrebleu.corpus_bleu(hyps, [nrefs]).score,
+        "chrf": sacrebleu.corpus_chrf(hyps, [nrefs]).score,
+        "al_ca_s": stats(al_ca), "al_s": stats(al), "ending_offset_s": stats(eo),
+        "rtf": sum(r.compute_s for r in runs) / audio if audio else None,
+        "files": len(runs), "audio_s": audio, "empty": sum(1 for h in hyps if not h),
+    }
+
+
+# ------------------------------------------------------------------------------------ bench
+
+
+def parse_systems(spec: str | None) -> list[str]:
+    if not spec:
+        return list(DEFAULT_SYSTEMS)
+    out = [s.strip() for s in spec.split(",") if s.strip()]
+    bad = [s for s in out if s not in SYSTEMS]
+    if bad or not out:
+        raise DuplexError(f"unknown system {', '.join(bad) or '(none)'}; choose from {', '.join(SYSTEMS)}")
+    return out
+
+
+def bench_language(source: str, target: str, rows: list[Row], bundle, fw_model, asr: ASRConfig, vad_cfg: VADConfig,
+                   policy_cfg: SimultaneousConfig, systems: list[str], progress=None) -> dict:
+    audio = [read_audio(r.path) for r in rows]
+    refs = [r.reference for r in rows]
+    out: dict = {"source": source, "target": target, "systems": {}, "files": [r.prompt for r in rows]}
+    samples: dict[str, list[str]] = {}
+    tasks = {"streaming": replace(asr, task="translate", language=source),
+             "cascade": replace(asr, task="transcribe", language=source)}
+    for name in systems:
+        runs: list[Run] = []
+        if name in ("streaming", "cascade"):
+            rec = StreamingRecognizer(bundle, tasks[name])
+            vad = TwoStageVAD(vad_cfg)
+            policy = SimultaneousPolicy(policy_cfg)
+            tr = None
+            if name == "cascade":
+                ap = Apertium()
+                if not ap.route(source, target):
+                    raise DuplexError(f"Apertium has no {source}->{target} route for the cascade; installed: "
+                                      + ", ".join(f"{s}->{t}" for s, t in sorted(ap.pairs())))
+                tr = lambda text: ap.translate(text, source, target)  # noqa: E731
+            for a in audio:
+                runs.append(replay(rec, vad, a, policy, tr))
+                progress and progress()
+        elif name == "offline":
+            for r in rows:
+                runs.append(run_offline(bundle, r.path, replace(asr, task="translate", language=source)))
+                progress and progress()
+        elif name == "fw":
+            for a in audio:
+                runs.append(run_fw(fw_model, a, source))
+                progress and progress()
+        out["systems"][name] = score(runs, refs)
+        samples[name] = [r.text for r in runs]
+    out["samples"] = [{"prompt": r.prompt, "source": r.source_text, "reference": r.reference,
+                       **{n: samples[n][i] for n in samples}} for i, r in enumerate(rows)]
+    return out
+
+
+def _fmt(x, nd=2):
+    return "–" if x is None else f"{x:.{nd}f}"
+
+
+def markdown(results: list[dict], meta: dict) -> str:
+    lines = [f"# bench translate: {meta['model']} ({meta['precision']}), policy {meta['policy']}", "",
+             "BLEU and chrF on normalised text; AL (computation-aware, and on audio read) and ending offset in s, p50; "
+             "RTF = compute / audio (one thread).", "",
+             "| pair | system | files | BLEU | chrF | AL CA p50 | AL p50 | ending offset p50 | EO p90 | RTF |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for res in results:
+        for name, s in res["systems"].items():
+            p = lambda k, q="p50": s[k][q] if s[k] else None  # noqa: E731
+            lines.append(f"| {res['source']}->{res['target']} | {SYSTEMS[name]} | {s['files']} | {s['bleu']:.1f} | "
+                         f"{s['chrf']:.1f} | {_fmt(p('al_ca_s'))} | {_fmt(p('al_s'))} | {_fmt(p('ending_offset_s'))} | "
+                         f"{_fmt(p('ending_offset_s', 'p90'))} | {_fmt(s['rtf'], 3)} |")
+    lines.append("")
+    for res in results:
+        st = res["systems"]
+        if "streaming" in st and "offline" in st and st["offline"]["bleu"]:
+            r = st["streaming"]["bleu"] / st["offline"]["bleu"]
+            eo = st["streaming"]["ending_offset_s"]
+            lines.append(f"* {res['source']}->{res['target']}: streaming/offline BLEU = {r:.2f} (target >= 0.9), "
+                         f"ending offset p50 {_fmt(eo['p50'] if eo else None)} s (target <= 2.0)"
+                         + (f"; offline {st['offline']['bleu']:.1f} vs faster-whisper {st['fw']['bleu']:.1f}"
+                            if "fw" in st else ""))
+    return "\n".join(lines) + "\n"
+
+
+def run_bench_translate(args, cfg) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from . import models
+
+    torch.set_num_threads(1)
+    systems = parse_systems(args.systems)
+    sources = [s.strip() for s in args.source.split(",") if s.strip()]
+    data = {s: load_rows(args.manifest, s, args.target, args.limit) for s in sources}
+    if args.target != "en" and any(s in systems for s in ("streaming", "offline", "fw")):
+        raise DuplexError("Whisper translates into English only: use --target en, or --systems cascade")
+    resolver = models.resolver_for(cfg.models.cache_dir)
+    bundle = resolver.whisper(args.model, cfg.models.asr_precision)
+    if not bundle.multilingual:
+        raise DuplexError(f"{args.model} is English-only; translation needs a multilingual model (whisper:base)")
+    fw_model = faster_whisper(models.ct2_folder(args.model, resolver.cache)) if "fw" in systems else None
+    results = []
+    total = sum(len(r) for r in data.values()) * len(systems)
+    with tqdm(total=total, desc="bench translate", file=sys.stderr, leave=False) as bar:
+        for s, rows in data.items():
+            results.append(bench_language(s, args.target, rows, bundle, fw_model, cfg.asr, cfg.vad,
+                                          cfg.translate.policy_config(), systems, bar.update))
+    meta = {"model": args.model, "precision": cfg.models.asr_precision, "policy": cfg.translate.policy,
+            "limit": args.limit, "systems": systems}
+    report = markdown(results, meta)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / "translate.md").write_text(report)
+    (args.out_dir / "translate.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1, ensure_ascii=False))
+    print(report)
+    return 0

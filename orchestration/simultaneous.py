@@ -1,0 +1,191 @@
+"""The simultaneous policy: when a stable piece of the source is ready to translate and emit.
+
+Synchronous and free of I/O (``init_state`` / ``partial`` / ``final``), so it replays files
+deterministically and is tested with tables. It sees what the recogniser commits: the stable
+prefix of each ``PartialText`` (LocalAgreement: it will not change) and the ``FinalText`` that
+closes the utterance (or a committed segment of a long one).
+
+Policies:
+
+* ``clause``: emit the stable words up to the last clause boundary (a word ending in , ; : . ? !)
+  once that piece holds ``min_words``; emit anyway at ``max_words`` pending words;
+* ``wait-k``: emit the pending stable words once there are ``wait_k`` of them;
+* ``final``: emit nothing before the final transcript (whole utterances; the reference point).
+
+The final transcript emits whatever is left. Emitted segments are never revised: the words of
+a final that were already emitted (counted, since the final pass keeps the committed prefix)
+are skipped. When the final's text differs from what was emitted (the recogniser rewrote a
+word), captions may show the whole final again: a segment with ``supersedes`` naming the
+segments it replaces. Speech never gets one (what was said stays said).
+
+``source_end`` is the audio time the segment covers: the end time of its last word in a final,
+or, for a segment emitted from partials, the audio time of the first hypothesis that already held
+its last word (an upper bound, within one recogniser step of the word's end).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Annotated, Literal
+
+from pydantic import Field
+
+from streaming.frames import FinalText, PartialText
+
+CLAUSE_END = (",", ";", ":", ".", "?", "!", "¿", "¡", "。", "、", "，")
+SENTENCE_END = (".", "?", "!", "。")
+
+
+@dataclass(frozen=True)
+class SimultaneousConfig:
+    #: "clause" (punctuation), "wait-k" (every k stable words) or "final" (whole utterances)
+    policy: Literal["clause", "wait-k", "final"] = "clause"
+    #: wait-k: emit once this many stable words are pending
+    wait_k: Annotated[int, Field(ge=1, le=50)] = 4
+    #: clause: a clause shorter than this waits to be joined by the next
+    min_words: Annotated[int, Field(ge=1, le=50)] = 3
+    #: clause: emit this many pending stable words even without punctuation
+    max_words: Annotated[int, Field(ge=1, le=200)] = 12
+    #: captions: emit a superseding segment when a final differs from what was emitted
+    revise_captions: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """A piece of source text ready to translate. ``index`` counts segments over the stream."""
+
+    index: int
+    utterance: int
+    text: str
+    #: audio time (pipeline clock, s) of the end of the source the segment covers
+    source_end: float
+    #: emitted by the final transcript (the rest of an utterance), not from a partial
+    final: bool = False
+    #: captions only: this segment replaces these earlier ones (a revision of shown text)
+    supersedes: tuple[int, ...] = ()
+    #: language of the source, when the final told it ("" from partials)
+    language: str = ""
+
+
+@dataclass
+class PolicyState:
+    """One stream's policy state. Create it with ``SimultaneousPolicy.init_state``."""
+
+    utterance: int = -1
+    #: stable words of the current utterance segment (since the last continued final)
+    stable: list[str] = field(default_factory=list)
+    #: how many of ``stable`` are emitted
+    emitted: int = 0
+    #: audio time of the first hypothesis that held each word position with its current word
+    seen_at: list[float] = field(default_factory=list)
+    seen_words: list[str] = field(default_factory=list)
+    #: segments emitted for the current utterance segment (for superseding)
+    shown: list[Segment] = field(default_factory=list)
+    next_index: int = 0
+
+
+def ends_clause(word: str) -> bool:
+    return word.rstrip("\"')»”").endswith(CLAUSE_END)
+
+
+def _norm(word: str) -> str:
+    return "".join(ch for ch in word.lower() if ch.isalnum())
+
+
+class SimultaneousPolicy:
+    def __init__(self, config: SimultaneousConfig | None = None) -> None:
+        self.config = config or SimultaneousConfig()
+
+    def init_state(self) -> PolicyState:
+        return PolicyState()
+
+    # -- events -----------------------------------------------------------------------------
+
+    def partial(self, state: PolicyState, p: PartialText) -> list[Segment]:
+        """A new hypothesis: segments that are safe to emit now (possibly none)."""
+        if state is None:
+            raise ValueError("SimultaneousPolicy.partial needs a state from init_state()")
+        if p.utterance != state.utterance:
+            self._new_utterance(state, p.utterance)
+        self._note_seen(state, (p.stable + p.unstable).split(), p.pts)
+        stable = p.stable.split()
+        # the stable prefix only grows; trust its length over new_stable_words (which a caller
+        # that drops partials would miss), but never shrink what was counted
+        if len(stable) >= len(state.stable):
+            state.stable = stable
+        return self._emit_ready(state)
+
+    def final(self, state: PolicyState, f: FinalText, *, captions: bool = False) -> list[Segment]:
+        """The final transcript of an utterance (or of a cut segment of a long one): the rest."""
+        if state is None:
+            raise ValueError("SimultaneousPolicy.final needs a state from init_state()")
+        if f.utterance != state.utterance:
+            self._new_utterance(state, f.utterance)
+        words = f.text.split()
+        out: list[Segment] = []
+        done = state.emitted
+        rest = words[done:]
+        end = f.words[-1].end if f.words else f.pts
+        if rest:
+            out.append(self._segment(state, " ".join(rest), end, final=True, language=f.language))
+        revised = [_norm(w) for w in words[:done]] != [_norm(w) for w in state.stable[:done]]
+        if captions and self.config.revise_captions and revised and state.shown:
+            replaced = tuple(s.index for s in state.shown)
+            out.append(self._segment(state, " ".join(words), end, final=True, supersedes=replaced, language=f.language))
+        # a continued final cuts a long utterance: the recogniser's stable words restart with the
+        # next window, so the count restarts too (same utterance number)
+        self._new_utterance(state, f.utterance)
+        return out
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _new_utterance(self, state: PolicyState, utterance: int) -> None:
+        state.utterance = utterance
+        state.stable, state.emitted, state.shown = [], 0, []
+        state.seen_at, state.seen_words = [], []
+
+    def _note_seen(self, state: PolicyState, hyp: list[str], pts: float) -> None:
+        for i, w in enumerate(hyp):
+            if i < len(state.seen_words) and _norm(state.seen_words[i]) == _norm(w):
+                continue
+            del state.seen_words[i:], state.seen_at[i:]
+            state.seen_words.append(w)
+            state.seen_at.append(pts)
+
+    def _cut(self, state: PolicyState) -> int:
+        """How many stable words (from the start of the utterance segment) may be emitted now."""
+        c = self.config
+        pending = state.stable[state.emitted :]
+        n = len(pending)
+        if c.policy == "final" or n == 0:
+            return state.emitted
+        if c.policy == "wait-k":
+            return state.emitted + n if n >= c.wait_k else state.emitted
+        # clause: the last boundary that leaves a piece of at least min_words
+        last = 0
+        for i, w in enumerate(pending, 1):
+            if ends_clause(w) and i >= c.min_words:
+                last = i
+        if last:
+            return state.emitted + last
+        if n >= c.max_words:
+            return state.emitted + n
+        return state.emitted
+
+    def _emit_ready(self, state: PolicyState) -> list[Segment]:
+        cut = self._cut(state)
+        if cut <= state.emitted:
+            return []
+        words = state.stable[state.emitted : cut]
+        i = cut - 1
+        end = state.seen_at[i] if i < len(state.seen_at) else (state.seen_at[-1] if state.seen_at else 0.0)
+        state.emitted = cut
+        return [self._segment(state, " ".join(words), end)]
+
+    def _segment(self, state: PolicyState, text: str, end: float, *, final: bool = False,
+                 supersedes: tuple[int, ...] = (), language: str = "") -> Segment:
+        seg = Segment(state.next_index, state.utterance, text, end, final, supersedes, language)
+        state.next_index += 1
+        if not supersedes:
+            state.shown.append(seg)
+        return seg

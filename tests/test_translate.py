@@ -1,0 +1,262 @@
+"""Interpreter and captions modes: the simultaneous policy (tables), real Apertium, real Whisper base
+translating recorded Spanish, Piper speaking a translation, and bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from fixtures import asterisk, fixture, ASTERISK
+from orchestration.interpreter import REPLY_BASE, Interpreter, TranslatedText, asr_task
+from orchestration.simultaneous import SimultaneousConfig, SimultaneousPolicy
+from orchestration.translate import Apertium, TranslateConfig, TranslatorSet, UnsupportedPair
+from streaming.frames import ErrorFrame, FinalText, PartialText, Word
+from streaming.testing import run_frames
+
+ES = ASTERISK.parent / "es_MX_f_Allison"
+
+
+def es(name: str):
+    return fixture(ES / f"{name}.wav")
+
+
+def P(stable: str, unstable: str = "", pts: float = 0.0, utt: int = 1) -> PartialText:
+    return PartialText(pts=pts, utterance=utt, stable=stable, unstable=unstable)
+
+
+def F(text: str, pts: float = 9.0, utt: int = 1, continued: bool = False, language: str = "") -> FinalText:
+    return FinalText(pts=pts, utterance=utt, text=text, continued=continued, language=language,
+                     words=(Word("x", pts - 0.5, pts - 0.1, 0.9),))
+
+
+def replay(policy, events, captions=False):
+    st = policy.init_state()
+    out = []
+    for e in events:
+        segs = policy.partial(st, e) if isinstance(e, PartialText) else policy.final(st, e, captions=captions)
+        out.append([(s.text, s.supersedes) if s.supersedes else s.text for s in segs])
+    return out
+
+
+# ------------------------------------------------------------------------- policy tables
+
+
+CLAUSE_TABLE = [
+    # (partial stable text or final, segments emitted at that event)
+    (P("", " Please"), []),
+    (P("Please press", " one to"), []),
+    (P("Please press one,", " then two"), ["Please press one,"]),  # a clause of >= 3 words
+    (P("Please press one, then", " two."), []),
+    (P("Please press one, then two.", " Thanks"), []),  # 2 words: too short for a clause of its own
+    (P("Please press one, then two. Thanks for", " calling"), []),
+    (F("Please press one, then two. Thanks for calling."), ["then two. Thanks for calling."]),
+]
+
+
+def test_clause_policy_table():
+    policy = SimultaneousPolicy(SimultaneousConfig(policy="clause", min_words=3, max_words=12))
+    events, expected = zip(*CLAUSE_TABLE)
+    assert replay(policy, events) == list(expected)
+
+
+def test_clause_policy_emits_at_max_words_without_punctuation():
+    policy = SimultaneousPolicy(SimultaneousConfig(policy="clause", max_words=4))
+    got = replay(policy, [P("one two three"), P("one two three four five"), F("one two three four five six")])
+    assert got == [[], ["one two three four five"], ["six"]]
+
+
+def test_wait_k_policy_table():
+    policy = SimultaneousPolicy(SimultaneousConfig(policy="wait-k", wait_k=2))
+    got = replay(policy, [P("a"), P("a b"), P("a b c"), P("a b c d e"), F("a b c d e f")])
+    assert got == [[], ["a b"], [], ["c d e"], ["f"]]
+
+
+def test_final_policy_waits_for_the_final():
+    policy = SimultaneousPolicy(SimultaneousConfig(policy="final"))
+    assert replay(policy, [P("a b c, d e f."), F("a b c, d e f.")]) == [[], ["a b c, d e f."]]
+
+
+def test_emitted_segments_are_never_revised_but_captions_may_supersede():
+    policy = SimultaneousPolicy(SimultaneousConfig(policy="wait-k", wait_k=2))
+    # the final pass rewrote an already emitted word ("to" -> "two")
+    events = [P("press to", " now"), F("press two now")]
+    assert replay(policy, events) == [["press to"], ["now"]]  # speech: the rest only
+    assert replay(policy, events, captions=True) == [["press to"], ["now", ("press two now", (0, 1))]]  # the whole final replaces both
+
+
+def test_utterances_and_continued_segments_restart_the_count():
+    policy = SimultaneousPolicy(SimultaneousConfig(policy="wait-k", wait_k=2))
+    got = replay(policy, [P("a b"), F("a b c", continued=True), P("d e"), F("d e"),  # one long utterance, cut
+                          P("x y", utt=2), F("x y z.", utt=2)])
+    assert got == [["a b"], ["c"], ["d e"], [], ["x y"], ["z."]]
+
+
+def test_source_end_is_when_the_last_word_was_first_heard():
+    policy = SimultaneousPolicy(SimultaneousConfig(policy="wait-k", wait_k=2))
+    st = policy.init_state()
+    policy.partial(st, P("", " one two", pts=1.0))  # both words first heard at 1.0
+    policy.partial(st, P("one", " two three", pts=1.4))
+    (seg,) = policy.partial(st, P("one two", " three", pts=1.8))
+    assert seg.text == "one two" and seg.source_end == 1.0
+    (fin,) = policy.final(st, F("one two three", pts=2.5))
+    assert fin.final and fin.source_end == pytest.approx(2.4)  # the last word's end
+
+
+def test_policy_needs_a_state():
+    with pytest.raises(ValueError):
+        SimultaneousPolicy().partial(None, P("a"))
+
+
+# ------------------------------------------------------------------------------ engines
+
+
+@pytest.fixture(scope="module")
+def apertium():
+    ap = Apertium()
+    if not ap.available:
+        pytest.fail("apertium is not installed: run scripts/setup")
+    return ap
+
+
+def test_apertium_lists_its_modes_and_translates(apertium):
+    pairs = apertium.pairs()
+    assert {("es", "en"), ("en", "es"), ("fr", "es")} <= pairs
+    out = apertium.translate("La conferencia está ahora desbloqueada.", "es", "en").lower()
+    assert "conference" in out and "now" in out
+    # no direct French-English mode: chained through Spanish
+    assert apertium.route("fr", "en") == ["fr-es", "spa-eng"]
+    assert "conference" in apertium.translate("La conférence est terminée.", "fr", "en").lower()
+    assert apertium.translate("   ", "es", "en") == ""
+
+
+def test_unsupported_pair_is_one_line_naming_installed_pairs(apertium):
+    ts = TranslatorSet.from_config(TranslateConfig(), whisper_languages=("en", "es", "fr"))
+    with pytest.raises(UnsupportedPair) as exc:
+        ts.for_pair("es", "de")
+    msg = str(exc.value)
+    assert "\n" not in msg and "es -> de" in msg and "es->en" in msg and "whisper: 2 languages -> en" in msg
+    assert ts.for_pair("es", "en").name == "whisper"
+    assert ts.for_pair("es", "en", speech=False).name == "apertium"
+    assert ts.for_pair("en", "en").name == "identity"
+    routed = TranslatorSet.from_config(TranslateConfig(routes={"*-en": "apertium"}), whisper_languages=("en", "es"))
+    assert routed.for_pair("es", "en").name == "apertium"
+    assert asr_task(ts, "auto", "en") == "translate" and asr_task(ts, "en", "es") == "transcribe"
+
+
+def test_cli_unsupported_pair(duplex_bin):
+    r = subprocess.run([str(duplex_bin), "translate", str(es("conf-muted")), "--source", "es", "--target", "de"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("duplex: error:") and "apertium: " in lines[0] and "es->en" in lines[0]
+
+
+# ------------------------------------------------------------------- the interpreter stage
+
+
+async def test_interpreter_stage_captions_with_apertium_and_a_language_it_lacks(apertium):
+    ts = TranslatorSet.from_config(TranslateConfig(), whisper_languages=())
+    interp = Interpreter(ts, TranslateConfig(mode="captions", source="auto", target="en", policy="wait-k", wait_k=3))
+    frames = [P("La conferencia está", " ahora", pts=1.0), F("La conferencia está ahora desbloqueada.", pts=2.0, language="es"),
+              P("Guten Tag", utt=2), F("Guten Tag.", utt=2, language="de")]
+    out = await run_frames([interp], frames)
+    texts = [f for f in out if isinstance(f, TranslatedText)]
+    errors = [f for f in out if isinstance(f, ErrorFrame)]
+    # auto source and a text engine: held until the final names the language, then translated at once
+    assert len(texts) == 1 and "conference" in texts[0].text.lower() and texts[0].source_language == "es"
+    assert texts[0].engine == "apertium" and texts[0].reply == 1
+    assert len(errors) == 1 and "de -> en" in errors[0].message and "es->en" in errors[0].message
+    # everything else went through untouched
+    assert sum(isinstance(f, (PartialText, FinalText)) for f in out) == len(frames)
+
+
+async def test_interpreter_mode_speaks_each_translation(apertium):
+    from agent.models import ModelResolver
+    from orchestration.playback import Playback
+
+    tts = ModelResolver().tts()
+    playback = Playback()
+    ts = TranslatorSet.from_config(TranslateConfig(), whisper_languages=())
+    interp = Interpreter(ts, TranslateConfig(source="es", target="en"), tts=tts, playback=playback)
+    interp.set_mode("dialogue")
+    out = await run_frames([interp], [F("Hola.", utt=1)])
+    assert not any(isinstance(f, TranslatedText) for f in out)  # dialogue: nothing translated
+    interp.set_mode("interpreter", target="en", source="es")
+    out = await run_frames([interp], [F("La conferencia está ahora desbloqueada.", utt=2, language="es")])
+    assert any(isinstance(f, TranslatedText) for f in out)
+    audio = playback.pull(16000 * 10, 0.0)
+    assert np.abs(audio).max() > 0.01
+    kinds = {(e.kind, e.reply) for e in playback.events()}
+    assert ("start", REPLY_BASE + 2) in kinds and ("end", REPLY_BASE + 2) in kinds
+    assert "conference" in playback.heard(REPLY_BASE + 2).lower()
+
+
+def test_set_mode_refuses_unknown_modes_and_pairs(apertium):
+    ts = TranslatorSet.from_config(TranslateConfig(), whisper_languages=())
+    interp = Interpreter(ts)
+    with pytest.raises(Exception, match="unknown mode"):
+        interp.set_mode("karaoke")
+    with pytest.raises(UnsupportedPair, match="installed"):
+        interp.set_mode("captions", target="ja", source="es")
+    with pytest.raises(Exception, match="needs a voice"):
+        interp.set_mode("interpreter", target="en", source="es")
+    assert interp.mode == "dialogue"
+
+
+# -------------------------------------------------------------- real speech, real Whisper
+
+
+@pytest.fixture(scope="module")
+def base():
+    import torch
+
+    from agent.models import ModelResolver
+
+    torch.set_num_threads(1)
+    return ModelResolver().whisper("whisper:base", "int8")
+
+
+def _translate(bundle, path, source, target, routes=None, pace="fast"):
+    from agent.config import load_config
+    from agent.translate_cmd import plan, translate_streaming, translators_for
+
+    cfg = load_config(use_user_default=False)
+    tcfg = replace(cfg.translate, source=source, target=target, routes=routes or {})
+    ts = translators_for(tcfg, bundle)
+    asr = plan(ts, cfg.asr, source, target)
+    return asyncio.run(translate_streaming(path, bundle, cfg, asr, ts, tcfg, pace))
+
+
+def test_spanish_recording_translated_to_english(base):
+    r = _translate(base, es("confbridge-unlocked"), "es", "en")  # "La conferencia está ahora desbloqueada."
+    assert r.engine == "whisper" and r.source_language == "es"
+    assert "conference" in r.text.lower() and "unlocked" in r.text.lower()
+    d = r.as_dict()
+    assert set(d) >= {"file", "source_language", "source_text", "text", "segments", "audio_seconds", "processing_seconds"}
+    assert d["segments"] and all(set(s) >= {"text", "emitted_at", "source_end"} for s in d["segments"])
+    assert all(0 < s["source_end"] <= d["audio_seconds"] + 0.05 for s in d["segments"])
+
+
+def test_spanish_through_apertium_keeps_the_source_text(base):
+    r = _translate(base, es("conf-muted"), "es", "en", routes={"es-en": "apertium"})  # "Está usted ahora en modo mudo."
+    assert r.engine == "apertium" and "modo" in (r.source_text or "").lower()
+    assert "now" in r.text.lower()
+
+
+def test_silence_and_wrong_language(base, tmp_path):
+    silence = tmp_path / "silence.wav"
+    sf.write(silence, np.zeros(16000 * 2, np.float32), 16000)
+    r = _translate(base, silence, "es", "en")
+    assert r.text == "" and r.segments == []
+    # English speech while Spanish is pinned: no crash, still English out
+    r = _translate(base, asterisk("demo-thanks"), "es", "en")
+    assert r.text.strip()
+    # English speech, auto source, Spanish target: detected, then Apertium en->es
+    r = _translate(base, asterisk("demo-thanks"), "auto", "es")
+    assert r.source_language == "en" and r.engine == "per-utterance" and r.text.strip() and not r.warnings
