@@ -289,33 +289,32 @@ def judge(user: SimulatedUser, events: list[dict]) -> list[dict]:
             # agent audio around the clip: the stretch that was playing when it began
             playing = r.agent_active_at_start
             stop = next((s for s in stops if r.start - 0.05 <= s["t"] <= r.end + 3.0), None)
-            last_sample = _last_agent_sample(user, r.start)
             o["agent_was_speaking"] = bool(playing)
             if r.expect == "stop":
                 # a reply that merely ran out is not a stop: the agent must have yielded
                 o["ok"] = stop is not None
-                o["stop_ms"] = round((last_sample - r.start) * 1000, 1) if last_sample is not None and o["ok"] else None
                 o["missed"] = not o["ok"]
+                last = _last_agent_sample(user, r.start, stop["t"] + 0.02) if stop is not None else None
+                o["stop_ms"] = round((last - r.start) * 1000, 1) if last is not None else None
             else:  # continue
                 o["false_stop"] = stop is not None
+                # kept speaking, but did it hold its breath? (pause-at-onset, resumed)
+                o["paused"] = any(e["kind"] == "decision" and e.get("action") == "PauseSpeaking"
+                                  and r.start - 0.05 <= e["t"] <= r.end + 1.0 for e in events)
                 o["ok"] = stop is None
         out.append(o)
     return out
 
 
-def _last_agent_sample(user: SimulatedUser, after: float) -> float | None:
-    """Time of the last agent sample of the stretch playing at ``after``."""
+def _last_agent_sample(user: SimulatedUser, start: float, until: float) -> float | None:
+    """Time just after the last agent sample heard between ``start`` and ``until`` (the stop):
+    with pause-at-onset that is the pause, the moment the agent went quiet."""
     agent = np.concatenate(user.agent_track) if user.agent_track else np.zeros(0)
-    i = int(after * INTERNAL_RATE)
-    if i >= len(agent):
+    i, j = int(start * INTERNAL_RATE), min(len(agent), int(until * INTERNAL_RATE))
+    if i >= j:
         return None
-    nz = np.flatnonzero(agent[i:] != 0)
-    if not len(nz):
-        return after
-    # the stretch ends at the first gap of 300 ms or more
-    gaps = np.flatnonzero(np.diff(nz) > int(0.3 * INTERNAL_RATE))
-    last = nz[gaps[0]] if len(gaps) else nz[-1]
-    return (i + last) / INTERNAL_RATE
+    nz = np.flatnonzero(agent[i:j] != 0)
+    return start if not len(nz) else (i + nz[-1] + 1) / INTERNAL_RATE
 
 
 def summarize(results: list[ConverseResult], cores: int = 2) -> dict:

@@ -210,6 +210,11 @@ def run_bench_duplex(args, cfg: DuplexConfig) -> int:
         ok = sum(bool(o.get("ok")) for o in r.outcomes)
         print(f"[{i + 1}/{len(scenarios)}] {r.scenario}: {ok}/{len(r.outcomes)} expectations met "
               f"({time.perf_counter() - t:.0f} s)", file=sys.stderr, flush=True)
+    with open(out / "events.jsonl", "w") as f:
+        for r in results:
+            for e in r.events:
+                if e["kind"] != "partial":
+                    f.write(json.dumps({"scenario": r.scenario, **e}, default=str) + "\n")
     summary = summarize(results)
     summary["summary"]["idle_cpu_percent"] = round(idle_cpu(cfg, models), 1)
     summary["summary"]["echo"] = not args.no_echo
@@ -233,7 +238,7 @@ def run_bench_duplex(args, cfg: DuplexConfig) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2, default=str))
     print(text)
-    print(f"wrote {out / 'report.md'}, {out / 'latency.png'}")
+    print(f"wrote {out / 'report.md'}, {out / 'latency.png'}, {out / 'events.jsonl'}")
     return 0
 
 
