@@ -290,6 +290,11 @@ def judge(user: SimulatedUser, events: list[dict]) -> list[dict]:
             playing = r.agent_active_at_start
             stop = next((s for s in stops if r.start - 0.05 <= s["t"] <= r.end + 3.0), None)
             o["agent_was_speaking"] = bool(playing)
+            if not playing:
+                # nothing to stop or to keep going: an earlier turn went otherwise than scripted
+                o.update(ok=None, why="not judged: the agent was not speaking when the clip began")
+                out.append(o)
+                continue
             if r.expect == "stop":
                 # a reply that merely ran out is not a stop: the agent must have yielded
                 o["ok"] = stop is not None

@@ -80,7 +80,7 @@ DEFAULT_BACKCHANNELS = (
     "uh-huh", "mm-hmm", "mhm", "yeah", "yes", "yep", "yup", "right", "okay", "ok", "sure", "i see",
     "got it", "alright", "all right", "oh", "wow", "cool", "exactly", "true", "thanks", "thank you",
     # non-lexical sounds: Whisper writes a murmured "uh-huh"/"mm-hmm" as any of these
-    "uh", "um", "m", "mm", "hm", "hmm", "huh", "ah", "ahh", "aha", "eh", "ugh", "haha",
+    "uh", "um", "a", "m", "mm", "hm", "hmm", "huh", "ah", "ahh", "aha", "eh", "ugh", "haha",
 )
 DEFAULT_STOP_PHRASES = (
     "stop", "wait", "hold on", "hang on", "no no", "excuse me", "sorry", "pause", "shut up",
