@@ -13,12 +13,19 @@
 
 Events are frozen dataclasses (``agent.session.EVENT_TYPES``): ``SpeechStarted`` / ``SpeechEnded``
 (voice activity), ``PartialText`` (the hypothesis while the user speaks: ``stable`` words will not
-change), ``FinalText`` (an utterance's transcript with word times), ``AgentText`` /
-``AgentAudio`` / ``TurnEvent`` (what the agent says, its audio, when it starts and stops),
-``Metrics`` (latency and lag after each final) and ``ErrorFrame`` (a recoverable problem).
+change), ``FinalText`` (an utterance's transcript with word times), ``AgentText`` (a clause of the
+agent's reply, as it goes to the voice), ``TurnEvent`` (``agent_start``, ``agent_end``, ``barge_in``),
+``AgentAudio`` (the agent's voice), ``Metrics`` (latency and lag after each final) and
+``ErrorFrame`` (a recoverable problem). ``AgentText``, ``TurnEvent`` and ``AgentAudio`` carry the
+agent turn's number in ``reply``.
+
+By default the agent holds a full-duplex conversation: it answers when the user's turn ends, yields
+when the user talks over it, and its voice comes out as ``AgentAudio`` blocks of 20 ms at 16 kHz,
+in real time — play them as they come. ``dialogue=False`` makes a transcripts-only agent (captions
+tools), which does not load the LLM.
 
 ``push_audio`` and ``events`` usually run in two tasks. ``events()`` ends after ``finish()`` (no more
-audio: the last utterance is closed and delivered) or when the agent closes.
+audio: the last utterance is closed and delivered, and answered) or when the agent closes.
 
 The agent is one ``agent.session.Session`` around models loaded once; several agents can share
 models with ``DuplexAgent(models=...)``. The MQTT service (``duplex serve``) runs one such session
@@ -75,26 +82,31 @@ class DuplexAgent:
     """A full-duplex agent session. Create with ``from_config`` and use as an async context manager;
     entering loads the models (seconds, off the event loop) unless ``models`` were given."""
 
-    def __init__(self, cfg: DuplexConfig, models: SharedModels | None = None, *, preload_tts: bool = False) -> None:
+    def __init__(self, cfg: DuplexConfig, models: SharedModels | None = None, *, preload_tts: bool = False,
+                 dialogue: bool | None = None) -> None:
         self.cfg = cfg
         self._models = models
         self._own_models = models is None
         self._preload_tts = preload_tts
+        self._dialogue = dialogue
         self._session: Session | None = None
 
     @classmethod
     def from_config(
         cls, config: str | os.PathLike[str] | Mapping[str, Any] | DuplexConfig | None = None, *,
-        models: SharedModels | None = None, preload_tts: bool = False,
+        models: SharedModels | None = None, preload_tts: bool = False, dialogue: bool | None = None,
     ) -> "DuplexAgent":
         """``config``: a TOML file path, a dict of overrides, a ``DuplexConfig``, or None for the
-        defaults. ``preload_tts`` loads the voice up front, so the first ``say`` starts at once."""
-        return cls(config_from(config), models, preload_tts=preload_tts)
+        defaults. ``dialogue``: hold a conversation (True) or only transcribe (False); None, the
+        default, is a conversation unless ``models`` were given without the LLM. ``preload_tts``
+        loads the voice up front, so the first ``say`` of a transcripts-only agent starts at once."""
+        return cls(config_from(config), models, preload_tts=preload_tts, dialogue=dialogue)
 
     async def __aenter__(self) -> "DuplexAgent":
         if self._models is None:
-            self._models = await asyncio.to_thread(SharedModels.load, self.cfg, tts=self._preload_tts)
-        self._session = await Session(self._models, self.cfg, name="agent").start()
+            llm = self._dialogue is not False
+            self._models = await asyncio.to_thread(SharedModels.load, self.cfg, tts=self._preload_tts, llm=llm)
+        self._session = await Session(self._models, self.cfg, name="agent", dialogue=self._dialogue).start()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -129,13 +141,20 @@ class DuplexAgent:
         """Typed events in order (see the module docstring). One consumer."""
         return self.session.events()
 
+    @property
+    def dialogue(self) -> bool:
+        """True when the agent holds a conversation, False when it only transcribes."""
+        return self.session.dialogue
+
     async def say(self, text: str) -> int:
         """Speak ``text`` with Piper; the audio arrives as ``AgentAudio`` events. Returns the turn
-        number when the turn is done or interrupted."""
+        number (``reply``) when the turn is done or interrupted. In a conversation it waits for the
+        agent's turn in progress, and the dialogue remembers it as the agent's words."""
         return await self.session.say(text)
 
     async def interrupt(self) -> bool:
-        """Stop speaking now (a ``TurnEvent`` with ``interrupted=True`` follows)."""
+        """Stop speaking now (a ``TurnEvent`` ``barge_in`` with reason ``interrupt`` follows); in a
+        conversation the dialogue keeps only what the user heard. False if nothing was playing."""
         return await self.session.interrupt()
 
     async def set_hotwords(self, hotwords: Iterable[str]) -> tuple[str, ...]:
@@ -143,8 +162,9 @@ class DuplexAgent:
         return await self.session.set_hotwords(hotwords)
 
     async def set_mode(self, mode: str, target: str | None = None) -> None:
-        """``"dialogue"``, ``"interpreter"`` (with ``target``, e.g. ``"es"``) or ``"captions"``;
-        the conversation coordinator acts on it."""
+        """``"dialogue"`` (answer), ``"captions"`` (transcribe only: the agent stops answering) or
+        ``"interpreter"`` (with ``target``, e.g. ``"es"``; stored for the interpreter, which is not
+        wired in yet: transcribes only)."""
         await self.session.set_mode(mode, target)
 
     async def set_language(self, language: str) -> None:
@@ -152,7 +172,7 @@ class DuplexAgent:
         await self.session.set_language(language)
 
     async def reset(self) -> None:
-        """Forget the conversation so far."""
+        """Forget the conversation so far (the dialogue starts afresh)."""
         await self.session.reset()
 
     async def flush(self) -> None:
@@ -160,5 +180,6 @@ class DuplexAgent:
         await self.session.flush()
 
     async def finish(self) -> None:
-        """No more audio: the last utterance is closed and ``events()`` ends after it."""
+        """No more audio: the last utterance is closed (and answered, in a conversation) and
+        ``events()`` ends after it."""
         await self.session.finish()

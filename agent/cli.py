@@ -112,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-key", metavar="FILE", help="the client certificate's key")
     p.add_argument("--tls-insecure", action="store_true", help="do not check the broker's host name (test brokers only)")
     p.add_argument("--client-id", help="MQTT client id (default: config mqtt.client_id, or duplex-<hostname>)")
+    p.add_argument("--transcripts-only", action="store_true",
+                   help="no conversation: transcribe and speak only what `say` commands give (the LLM is not loaded)")
 
     p = sub.add_parser("bench", help="benchmarks")
     bench = p.add_subparsers(dest="bench", metavar="WHAT", required=True)
@@ -491,8 +493,9 @@ def cmd_serve(args: argparse.Namespace, cfg: DuplexConfig) -> int:
         args.broker, username=args.username, password=_broker_password(args), tls_ca=args.tls_ca,
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_insecure=args.tls_insecure,
     )
-    svc = service.MqttService(cfg, broker, sites=args.site, client_id=args.client_id)  # checks the site IDs
-    models = SharedModels.load(cfg, tts=True)
+    svc = service.MqttService(cfg, broker, sites=args.site, client_id=args.client_id,  # checks the site IDs
+                              dialogue=not args.transcripts_only)
+    models = SharedModels.load(cfg, tts=True, llm=not args.transcripts_only)
     svc.models = models
     sites = ", ".join(args.site) if args.site else f"any site (up to {cfg.mqtt.max_sites})"
     print(f"duplex serve: {sites} on {broker.url} as {svc.client_id} (topics {svc.topics.prefix}/<site>/..., run {svc.run_id})",

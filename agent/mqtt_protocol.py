@@ -626,8 +626,12 @@ class TurnEventOut(_Out):
     t: float
     #: the agent turn (agent_*), as numbered by the session
     turn: int | None = None
-    #: agent_stopped only: True when interrupt (or reset) cut it short
+    #: agent_stopped only: True when it was cut short (a barge-in, interrupt, reset)
     interrupted: bool | None = None
+    #: agent_stopped with interrupted: why (the turn-taking decision, or "interrupt")
+    reason: str | None = None
+    #: agent_stopped with interrupted: the words of the turn the user heard
+    heard: str | None = None
 
 
 class AgentTextEvent(_Out):

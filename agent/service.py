@@ -1,8 +1,10 @@
 """``duplex serve``: the agent as a headless service over MQTT (see docs/mqtt.md).
 
-One process serves many satellites. Each site gets a ``Session`` (its own detector and recogniser
-state) created on its first message; all sessions share one set of loaded models. The MQTT side is
-a thin shell around the sessions:
+One process serves many satellites. Each site gets a ``Session`` (its own detector, recogniser and
+dialogue state: one KV cache per site) created on its first message; all sessions share one set of
+loaded models. By default each site is a full-duplex conversation whose agent voice goes out on
+``audio/out`` in real time; ``dialogue=False`` (``duplex serve --transcripts-only``) serves
+transcripts only. The MQTT side is a thin shell around the sessions:
 
 * the **connection loop** connects with a fixed client id and a persistent session
   (``clean_session=False``), subscribes, publishes a retained ``online`` status (the last will says
@@ -39,7 +41,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from streaming.errors import DuplexError
-from streaming.frames import ErrorFrame, FinalText, PartialText, SpeechEnded, SpeechStarted
+from streaming.frames import AgentText, ErrorFrame, FinalText, PartialText, SpeechEnded, SpeechStarted, TurnEvent
 
 from .config import DuplexConfig
 from .mqtt_protocol import (
@@ -71,7 +73,7 @@ from .mqtt_protocol import (
     parse_command,
     valid_site,
 )
-from .session import AgentAudio, AgentText, Metrics, Session, SharedModels, TurnEvent
+from .session import AgentAudio, Metrics, Session, SharedModels
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +188,8 @@ class _Site:
         self.final_seq = 0
         self.out_seq = 0
         self.new_turn = True
+        #: the agent turn whose agent_started went out and whose agent_stopped has not
+        self.agent_turn: int | None = None
         self.out_rate = 22050
         self.counts = {"frames_in": 0, "dropped": 0, "errors": 0, "commands": 0}
         self.active_since_metrics = False
@@ -205,8 +209,12 @@ class MqttService:
         models: SharedModels | None = None,
         mqtt: MqttConfig | None = None,
         client_id: str | None = None,
+        dialogue: bool | None = None,
     ) -> None:
+        """``dialogue``: every site a conversation (True) or transcripts only (False); None, the
+        default: a conversation when the models have the LLM (``run()`` loads it, unless False)."""
         self.cfg = cfg
+        self.dialogue = dialogue
         self.mc = mqtt or getattr(cfg, "mqtt", None) or MqttConfig()
         self.broker = broker
         self.allowed = None if sites is None else tuple(dict.fromkeys(sites))
@@ -242,7 +250,7 @@ class MqttService:
 
     async def run(self, *, handle_signals: bool = False) -> None:
         if self.models is None:
-            self.models = await asyncio.to_thread(SharedModels.load, self.cfg, tts=True)
+            self.models = await asyncio.to_thread(SharedModels.load, self.cfg, tts=True, llm=self.dialogue is not False)
         loop = asyncio.get_running_loop()
         if handle_signals:
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -427,7 +435,7 @@ class MqttService:
             return None
         if self._tg is None or self.models is None:
             return None
-        site = _Site(site_id, Session(self.models, self.cfg, name=site_id), self.mc)
+        site = _Site(site_id, Session(self.models, self.cfg, name=site_id, dialogue=self.dialogue), self.mc)
         self.sites[site_id] = site
         site.tasks.add(self._tg.create_task(self._run_site(site), name=f"duplex:site:{site_id}"))
         log.info("site %s: new session", site_id)
@@ -477,6 +485,12 @@ class MqttService:
 
     async def _run_site(self, site: _Site) -> None:
         try:
+            try:
+                await site.session.start()
+            except DuplexError as exc:  # the site's dialogue could not start: report, forget the site
+                self._error(site, "dialogue", str(exc))
+                self.sites.pop(site.id, None)
+                return
             async with site.session:
                 async with asyncio.TaskGroup() as tg:
                     tg.create_task(self._ingest(site), name=f"duplex:site:{site.id}:ingest")
@@ -573,23 +587,38 @@ class MqttService:
             kind = "speech_started" if isinstance(ev, SpeechStarted) else "speech_ended"
             self._publish(t.event(sid, "turn"), encode(TurnEventOut(site=sid, run=run, type=kind, t=round(ev.pts, 3))), qos=1)
         elif isinstance(ev, TurnEvent):
-            out = TurnEventOut(site=sid, run=run, type=ev.kind, t=round(ev.pts, 3), turn=ev.turn,
-                               interrupted=ev.interrupted if ev.kind == "agent_stopped" else None)
-            self._publish(t.event(sid, "turn"), encode(out), qos=1)
-            if ev.kind == "agent_started":
-                site.new_turn = True
-            else:  # an empty end-of-stream frame closes the turn's audio
-                site.out_seq += 1
-                self._publish(t.audio_out(sid), build_audio_frame(site.out_seq, b"", site.out_rate, flags=FLAG_END,
-                                                                  timestamp_us=int(ev.pts * 1e6)), qos=0)
+            self._publish_turn(site, ev)
         elif isinstance(ev, AgentText):
-            self._publish(t.event(sid, "agent_text"), encode(AgentTextEvent(site=sid, run=run, turn=ev.turn, text=ev.text)), qos=1)
+            self._publish(t.event(sid, "agent_text"), encode(AgentTextEvent(site=sid, run=run, turn=ev.reply, text=ev.text)), qos=1)
         elif isinstance(ev, AgentAudio):
             self._publish_agent_audio(site, ev)
         elif isinstance(ev, Metrics):
             self._publish_metrics(site, dict(ev.values))
         elif isinstance(ev, ErrorFrame):
-            self._error(site, "recognition", ev.message)
+            self._error(site, "dialogue" if ev.stage == "coordinator" else "recognition", ev.message)
+
+    def _publish_turn(self, site: _Site, ev: TurnEvent) -> None:
+        """The agent's turn events on the wire: ``agent_start`` → ``agent_started``; ``agent_end``
+        and ``barge_in`` → ``agent_stopped`` (``interrupted``, with ``reason`` and ``heard``), each
+        followed by an empty end-of-stream frame on ``audio/out``. A barge-in on a reply that never
+        started playing is not a turn the satellite saw: nothing is sent."""
+        t, sid = self.topics, site.id
+        if ev.kind == "agent_start":
+            site.agent_turn, site.new_turn = ev.reply, True
+            out = TurnEventOut(site=sid, run=self.run_id, type="agent_started", t=round(ev.pts, 3), turn=ev.reply)
+        elif ev.kind in ("agent_end", "barge_in") and site.agent_turn == ev.reply:
+            site.agent_turn = None
+            cut = ev.kind == "barge_in"
+            out = TurnEventOut(site=sid, run=self.run_id, type="agent_stopped", t=round(ev.pts, 3), turn=ev.reply,
+                               interrupted=cut, reason=ev.reason[:300] if cut else None,
+                               heard=ev.text[:2000] if cut else None)
+        else:
+            return
+        self._publish(t.event(sid, "turn"), encode(out), qos=1)
+        if out.type == "agent_stopped":  # an empty end-of-stream frame closes the turn's audio
+            site.out_seq += 1
+            self._publish(t.audio_out(sid), build_audio_frame(site.out_seq, b"", site.out_rate, flags=FLAG_END,
+                                                              timestamp_us=int(ev.pts * 1e6)), qos=0)
 
     def _publish_agent_audio(self, site: _Site, ev: AgentAudio) -> None:
         n = max(1, int(ev.sample_rate * self.mc.audio_out_ms / 1000))

@@ -1,22 +1,29 @@
 """One conversation: audio in, typed events out. The embedding API and the MQTT service share it.
 
-A ``Session`` owns its own detector and recogniser *state* and shares the loaded *models*
-(``SharedModels``: one Whisper bundle, one Silero net, one Piper voice) with every other session in
-the process. Audio pushed in at any rate and channel count is converted to 16 kHz mono and runs
-through one long-lived pipeline, VAD → streaming ASR → collector, whose stages run the models on
-their own worker threads, never on the event loop.
+A ``Session`` owns its own detector, recogniser and dialogue *state* and shares the loaded *models*
+(``SharedModels``: one Whisper bundle, one Silero net, one Piper voice, one dialogue LLM) with every
+other session in the process. Audio pushed in at any rate and channel count is converted to 16 kHz
+mono and runs through one long-lived pipeline whose stages run the models on their own worker
+threads, never on the event loop. Two kinds of session:
 
-Events (``events()``) are the streaming frames where they fit — ``SpeechStarted``, ``SpeechEnded``,
-``PartialText``, ``FinalText``, ``ErrorFrame`` — and the agent-side ones below: ``AgentText``,
-``AgentAudio``, ``TurnEvent`` and ``Metrics``. Utterance numbers are per session and keep growing
-across ``reset()``.
+* **dialogue** (the default when the LLM is loaded): the full-duplex conversation of
+  ``duplex converse``: AEC (``aec.enabled``) → VAD with voice activity → coordinator tap → streaming
+  ASR → ``Coordinator`` (turn core, one ``DialogueLLM`` with its own KV cache per session, Piper into
+  ``Playback``). A player task pulls ``Playback`` in 20 ms blocks on the session clock, in real
+  time, while the agent speaks — that pull is what marks the agent's words as heard and feeds the
+  echo canceller's reference — and sends the blocks out as ``AgentAudio`` events.
+* **transcripts only** (``dialogue=False``, or models loaded without the LLM): VAD → streaming
+  ASR, for captions tools; ``say`` still speaks, as fast as Piper synthesises.
+
+Events (``events()``) are frames: ``SpeechStarted``, ``SpeechEnded``, ``PartialText``,
+``FinalText``, ``ErrorFrame``, ``AgentText`` and ``TurnEvent`` (``streaming.frames``), and the two
+defined here, ``AgentAudio`` and ``Metrics``. Utterance numbers are per session and keep growing
+across ``reset()``; agent turns are numbered by ``reply`` (``AgentText``, ``TurnEvent``,
+``AgentAudio``).
 
 Commands that must act at a point in the audio stream (hotwords, language, reset, flush) travel
 through the pipeline as in-band markers, so they apply exactly between the audio pushed before
 and after them, and the call returns once the marker has passed every stage.
-
-The dialogue itself (when to answer, barge-in policy, interpreter mode) is the coordinator's job;
-until it is wired in, a session transcribes and speaks what it is told to (``say``).
 """
 
 from __future__ import annotations
@@ -31,10 +38,14 @@ import types
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar, Literal
+from typing import Any
 
 import numpy as np
 
+from orchestration.coordinator import Coordinator
+from orchestration.dialogue import DialogueLLM
+from orchestration.playback import Playback
+from streaming.aec import AECStage, EchoCanceller, EchoReference
 from streaming.asr.alignment import warm_up_alignment
 from streaming.asr.hotwords import parse_hotwords
 from streaming.asr.recognizer import ASRConfig, StreamingRecognizer
@@ -43,6 +54,7 @@ from streaming.clock import Clock, RealClock
 from streaming.errors import DuplexError
 from streaming.frames import (
     INTERNAL_RATE,
+    AgentText,
     AudioFrame,
     ControlFrame,
     DataFrame,
@@ -52,6 +64,8 @@ from streaming.frames import (
     PartialText,
     SpeechEnded,
     SpeechStarted,
+    TurnEvent,
+    VoiceActivity,
 )
 from streaming.pipeline import Pipeline, Source, Stage
 from streaming.resample import StreamResampler, to_mono
@@ -62,34 +76,26 @@ from .config import DuplexConfig
 log = logging.getLogger(__name__)
 
 MODES = ("dialogue", "interpreter", "captions")
+#: the player's block: 20 ms at 16 kHz
+BLOCK = 320
+#: the player re-anchors its schedule when the event loop let it fall this far behind, s
+MAX_BEHIND_S = 0.2
 
 # ------------------------------------------------------------------------------ agent-side events
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class AgentText(DataFrame):
-    """What the agent is about to say (turn ``turn``)."""
-
-    turn: int = 0
-    text: str = ""
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
 class AgentAudio(AudioFrame):
-    """Synthesised speech of turn ``turn``, at the voice's own rate (Piper: 22.05 kHz).
-    ``pts`` is on the agent's output timeline (seconds of agent audio so far)."""
+    """The agent's voice, reply ``reply`` (as numbered in ``AgentText`` and ``TurnEvent``).
 
-    turn: int = 0
+    In a dialogue session: 20 ms blocks at 16 kHz, emitted in real time as the player pulls them
+    from ``Playback`` (only blocks with sound: nothing while paused or silent); ``pts`` is the
+    session clock (s since the session started) at which the block is due to play. In a
+    transcripts-only session (``say``): one frame per sentence at the voice's own rate (Piper:
+    22.05 kHz), as soon as it is synthesised; ``pts`` is on the agent's output timeline (seconds of
+    agent audio so far)."""
 
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class TurnEvent(DataFrame):
-    """The agent started or stopped speaking. ``interrupted`` is True when ``interrupt()`` (or
-    ``reset()``) cut the turn short: a player should drop what it has not played yet."""
-
-    kind: Literal["agent_started", "agent_stopped"] = "agent_started"
-    turn: int = 0
-    interrupted: bool = False
+    reply: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -103,7 +109,7 @@ class Metrics(DataFrame):
     values: Mapping[str, float] = field(default_factory=lambda: types.MappingProxyType({}))
 
 
-#: every event type ``Session.events()`` yields
+#: every event type ``Session.events()`` yields (``AgentText`` and ``TurnEvent`` are ``streaming.frames``')
 EVENT_TYPES = (SpeechStarted, SpeechEnded, PartialText, FinalText, ErrorFrame, AgentText, AgentAudio, TurnEvent, Metrics)
 
 
@@ -113,19 +119,23 @@ EVENT_TYPES = (SpeechStarted, SpeechEnded, PartialText, FinalText, ErrorFrame, A
 class SharedModels:
     """The loaded models every session of a process shares; loading is blocking (seconds)."""
 
-    def __init__(self, cfg: DuplexConfig, whisper: Any, silero: SileroModel | None, resolver: Any) -> None:
+    def __init__(self, cfg: DuplexConfig, whisper: Any, silero: SileroModel | None, resolver: Any, llm: Any = None) -> None:
         self.cfg = cfg
         self.whisper = whisper
         self.silero = silero
         self.resolver = resolver
+        #: the dialogue LLM (``models.llm``); None: sessions are transcripts-only by default
+        self.llm = llm
         self._tts = None
         self._lock = threading.Lock()
+        self._llm_lock = threading.Lock()
         #: Piper runs here, one sentence at a time for all sessions (its ONNX session threads itself)
         self.tts_executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="duplex-tts")
 
     @classmethod
-    def load(cls, cfg: DuplexConfig, *, tts: bool = False) -> "SharedModels":
-        """Whisper (``models.asr``) and Silero now; Piper now if ``tts``, else on the first ``say``."""
+    def load(cls, cfg: DuplexConfig, *, tts: bool = False, llm: bool = False) -> "SharedModels":
+        """Whisper (``models.asr``) and Silero now; Piper now if ``tts``, else on the first ``say``;
+        the dialogue LLM (``models.llm``) and Piper now if ``llm``: sessions then hold conversations."""
         from .models import resolver_for
 
         resolver = resolver_for(cfg.models.cache_dir)
@@ -133,7 +143,9 @@ class SharedModels:
         silero = None if cfg.vad.mode == "webrtc" else resolver.vad()
         warm_up_alignment()  # numba compiles (or loads) the DTW kernel here, not in a session
         models = cls(cfg, whisper, silero, resolver)
-        if tts:
+        if llm:
+            models.load_llm()
+        if tts or llm:
             models.tts()
         return models
 
@@ -143,6 +155,13 @@ class SharedModels:
             if self._tts is None:
                 self._tts = self.resolver.tts(self.cfg.models.tts)
             return self._tts
+
+    def load_llm(self):
+        """The dialogue LLM (``models.llm``), loaded on first use."""
+        with self._llm_lock:
+            if self.llm is None:
+                self.llm = self.resolver.llm(self.cfg.models.llm, self.cfg.models.llm_precision)
+            return self.llm
 
     def close(self) -> None:
         self.tts_executor.shutdown(wait=False, cancel_futures=True)
@@ -226,6 +245,76 @@ class _ASR(ASRStage):
         await super().process(frame)
 
 
+class _AEC(AECStage):
+    async def process(self, frame: Frame) -> None:
+        if isinstance(frame, _Marker):
+            # the canceller holds the last few ms of audio until more comes: a command must not
+            # wait for audio that may never come, so the held audio is flushed out ahead of it
+            if self._held:
+                self._held.append(frame)
+                await self.flush()
+            else:
+                await self.push(frame)
+            return
+        await super().process(frame)
+
+
+class _AudioTimeReference:
+    """The echo canceller's reference on the session's audio timeline. ``Playback`` stamps what is
+    pulled with the session clock; the canceller looks it up by the ``pts`` of microphone frames,
+    which count seconds of audio pushed. ``offset`` maps one onto the other: it is set from the
+    latest push when the agent starts a stretch of speech, and kept for the stretch, so the
+    reference stays one continuous stream (the canceller finds the remaining delay itself)."""
+
+    def __init__(self, reference: EchoReference) -> None:
+        self.reference = reference
+        self.offset = 0.0
+
+    def push(self, samples: np.ndarray, t: float) -> None:
+        self.reference.push(samples, t + self.offset)
+
+
+class _Playback(Playback):
+    """``Playback`` that wakes the session's player when audio is queued."""
+
+    def __init__(self, reference: Any, on_enqueue: Any) -> None:
+        super().__init__(reference)
+        self._on_enqueue = on_enqueue
+
+    def enqueue(self, reply: int, text: str, samples: np.ndarray) -> None:
+        super().enqueue(reply, text, samples)
+        self._on_enqueue()
+
+
+class _Coordinator(Coordinator):
+    """The coordinator inside a session. VAD frames carry audio time (seconds pushed); the turn core
+    runs on the session clock, so their times are moved onto it (the moment that audio was pushed)
+    before the turn core sees them, while the frames themselves go on unchanged. In-band markers
+    pass through (``reset`` starts a new dialogue). In ``captions`` and ``interpreter`` mode the
+    turn core hears nothing: the session transcribes and answers no one."""
+
+    def __init__(self, session: "Session", *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.session = session
+
+    def observe_vad(self, frame: Frame) -> None:
+        if self.session.mode == "dialogue":
+            super().observe_vad(replace(frame, pts=self.session._clock_time(frame.pts)))
+
+    async def process(self, frame: Frame) -> None:
+        if isinstance(frame, _Marker):
+            if frame.action == "reset":
+                self.reset()
+            await self.push(frame)
+        elif self.session.mode != "dialogue":
+            await self.push(frame)
+        elif isinstance(frame, (SpeechStarted, SpeechEnded)):
+            self.observe_vad(frame)
+            await self.push(frame)
+        else:
+            await super().process(frame)
+
+
 class _Collect(Stage):
     name = "collect"
 
@@ -250,9 +339,13 @@ class Session:
     * ``async for ev in events()``: one consumer; it ends after ``finish()`` or ``aclose()``;
     * ``say``, ``interrupt``, ``set_hotwords``, ``set_language``, ``set_mode``, ``reset``,
       ``flush``, ``finish``.
+
+    ``dialogue``: hold a conversation (True; the LLM is loaded on start if ``models`` lack it) or
+    only transcribe (False). None (the default): a conversation when ``models`` have the LLM.
     """
 
-    def __init__(self, models: SharedModels, cfg: DuplexConfig | None = None, *, name: str = "session") -> None:
+    def __init__(self, models: SharedModels, cfg: DuplexConfig | None = None, *, name: str = "session",
+                 dialogue: bool | None = None) -> None:
         self.models = models
         self.cfg = cfg or models.cfg
         self.name = name
@@ -262,8 +355,10 @@ class Session:
         except ValueError as exc:
             raise DuplexError(str(exc)) from None
         self._hotwords = parse_hotwords(self.asr_config.hotwords)
+        #: a full-duplex conversation (else transcripts only); fixed for the session's life
+        self.dialogue: bool = models.llm is not None if dialogue is None else bool(dialogue)
         #: "dialogue", "interpreter" or "captions" (see set_mode)
-        self.mode: str = "dialogue"
+        self.mode: str = "dialogue" if self.dialogue else "captions"
         #: target language of interpreter mode
         self.target: str | None = None
         self._block = max(1, int(round(INTERNAL_RATE * self.cfg.audio.block_ms / 1000)))
@@ -291,12 +386,46 @@ class Session:
         self.counts = {"finals": 0, "partials": 0, "errors": 0, "restarts": 0, "turns": 0}
         #: (end of speech, final_latency_ms) of recent finals, as in their Metrics events
         self.final_latencies: deque[tuple[float, float]] = deque(maxlen=1000)
+        #: the session clock: the turn core's time, and the time agent audio is due to play
+        self.clock = RealClock()
+        self._running = asyncio.Event()  # the pipeline is built and bound (the coordinator exists)
+        self._started: asyncio.Future[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # -- dialogue: the conversation's parts outlive a pipeline restart
+        #: the session's ``Coordinator`` (dialogue sessions, once started)
+        self.coordinator: Coordinator | None = None
+        #: its dialogue LLM state: one KV cache per session
+        self.dialogue_llm: DialogueLLM | None = None
+        self._echo: EchoReference | None = None
+        self._reference: _AudioTimeReference | None = None
+        self._canceller: EchoCanceller | None = None
+        self.playback: Playback | None = None
+        self._player: asyncio.Task[None] | None = None
+        self._player_wake = asyncio.Event()
+        self._announced: set[int] = set()  # replies whose agent_start has been emitted
+        #: (reply, time.monotonic()) when each reply's first audio block was emitted (dialogue)
+        self.reply_starts: deque[tuple[int, float]] = deque(maxlen=1000)
+        self._last_reply = 0
+        if self.dialogue:
+            if self.cfg.aec.enabled:
+                self._echo = EchoReference(self.cfg.aec.reference_seconds)
+                self._reference = _AudioTimeReference(self._echo)
+                self._canceller = EchoCanceller(self.cfg.aec)
+            self.playback = _Playback(self._reference, self._wake_player)
 
     # -- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> "Session":
+        """Start the pipeline (a dialogue session first builds its dialogue state: a fraction of a
+        second; a missing LLM raises here)."""
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._supervise(), name=f"duplex:session:{self.name}")
+            self._loop = asyncio.get_running_loop()
+            self._started = self._loop.create_future()
+            self._task = self._loop.create_task(self._supervise(), name=f"duplex:session:{self.name}")
+            if self.dialogue:
+                self._player = self._loop.create_task(self._play(), name=f"duplex:session:{self.name}:player")
+        assert self._started is not None
+        await asyncio.shield(self._started)
         return self
 
     async def __aenter__(self) -> "Session":
@@ -313,22 +442,36 @@ class Session:
         self._accepting = False
         for t in list(self._speaking):
             t.cancel()
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        for task in (self._player, self._task):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
+        if self._started is not None and not self._started.done():
+            self._started.cancel()
+        if self.dialogue_llm is not None:
+            await asyncio.to_thread(self.dialogue_llm.close)
         self._resolve_markers()
         self._events.put_nowait(_END)
 
-    async def finish(self) -> None:
+    async def finish(self, timeout: float = 30.0) -> None:
         """No more audio: close the open utterance, let queued speech finish, then end ``events()``
-        after everything so far has been delivered."""
+        after everything so far has been delivered. In a dialogue, the agent first answers what
+        the user said last and plays its reply out (for at most ``timeout`` seconds)."""
         self._accepting = False
         await self._mark("finish")
         while self._speaking:
             await asyncio.wait(set(self._speaking))
+        deadline = time.monotonic() + timeout
+        while self.dialogue and not self._closed and time.monotonic() < deadline:
+            c = self.coordinator
+            if c is None or (not c.speaking and not c.state.turn_text.strip() and not self.playback.busy()):
+                break
+            await asyncio.sleep(0.02)
+        if self.dialogue and not self._closed:
+            await self._mark("sync")  # behind the turn events the coordinator has sent so far
         self._events.put_nowait(_END)
 
     # -- audio in ---------------------------------------------------------------------------
@@ -339,8 +482,8 @@ class Session:
         Any rate is resampled to 16 kHz; channels are averaged."""
         if not self._accepting:
             raise RuntimeError(f"session {self.name} takes no more audio (finished or closed)")
-        if self._task is None:
-            await self.start()
+        if self._started is None or not self._started.done() or self._started.exception() is not None:
+            await self.start()  # (a dialogue session takes audio once its dialogue state is built)
         if sample_rate <= 0:
             raise ValueError(f"sample_rate must be positive, got {sample_rate}")
         x = _as_float(pcm, channels)
@@ -395,8 +538,12 @@ class Session:
             self.counts["errors"] += 1
             self._emit(frame)
             return
-        if self._discard:
+        if self._discard or isinstance(frame, VoiceActivity):  # voice activity is the turn core's
             return
+        if isinstance(frame, TurnEvent) and frame.kind == "agent_start":
+            if frame.reply in self._announced:
+                return  # the player announced it already, in front of the reply's first audio
+            self._announce(frame.reply)
         if isinstance(frame, (PartialText, FinalText)):
             utt = self._utt_base + frame.utterance
             self._utt_max = max(self._utt_max, utt)
@@ -423,11 +570,14 @@ class Session:
         return self._wall_at(t)
 
     def _wall_at(self, t: float) -> float | None:
-        # the first push whose audio reaches t; pushes are in order, and finals are recent
-        for end, wall in self._pushes:
-            if end >= t - 1e-6:
-                return wall
-        return None
+        # the first push whose audio reaches t; pushes are in order, and what is asked about is
+        # recent (finals, VAD decisions), so the search starts from the newest
+        found = None
+        for end, wall in reversed(self._pushes):
+            if end < t - 1e-6:
+                break
+            found = wall
+        return found
 
     @property
     def lag_seconds(self) -> float:
@@ -456,17 +606,21 @@ class Session:
 
     async def set_mode(self, mode: str, target: str | None = None) -> None:
         """``"dialogue"`` (answer), ``"interpreter"`` (translate into ``target``) or ``"captions"``
-        (transcribe only). The session stores it; the coordinator acts on it. Until the
-        coordinator is wired in, every mode transcribes and speaks only what ``say`` is given."""
+        (transcribe only). In a dialogue session ``captions`` stops the agent and it answers no one
+        until ``dialogue`` again; ``interpreter`` is stored for the interpreter and, until that is
+        wired in, transcribes only. A transcripts-only session stores the mode and transcribes."""
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
         if mode == "interpreter" and not target:
             raise ValueError("interpreter mode needs a target language")
         self.mode, self.target = mode, target if mode == "interpreter" else None
+        if mode != "dialogue" and self.coordinator is not None:
+            self.coordinator.interrupt(f"mode {mode}")
 
     async def reset(self) -> None:
         """Forget the conversation: speech in progress, queued audio, detector and recogniser
-        state. Events of audio pushed before the call are not delivered after it."""
+        state, and the dialogue (a fresh context for the LLM). Events of audio pushed before the
+        call are not delivered after it."""
         await self.interrupt()
         self._discard = True
         self._input.drop_audio()
@@ -477,17 +631,26 @@ class Session:
         await self._mark("finish")
 
     async def say(self, text: str) -> int:
-        """Speak ``text``: emits ``AgentText``, ``TurnEvent("agent_started")``, ``AgentAudio``
-        (one frame per sentence, as soon as it is synthesised) and ``TurnEvent("agent_stopped")``.
-        Turns are spoken one after another; returns the turn number once it is done (or cut)."""
+        """Speak ``text``: emits ``AgentText``, ``TurnEvent`` ``agent_start``, ``AgentAudio`` and
+        ``TurnEvent`` ``agent_end`` (or ``barge_in`` when it is cut short). Turns are spoken one
+        after another; returns the turn's number (its ``reply``) once it is done or cut (0 if it
+        was dropped before it began). In a dialogue it waits for the agent's turn in progress to
+        end, goes into the dialogue as the agent's words, and the user can barge in on it."""
         text = " ".join(text.split())
         if not text:
             raise ValueError("nothing to say")
         if self._closed:
             raise RuntimeError(f"session {self.name} is closed")
-        self._turns += 1
-        turn = self._turns
-        task = asyncio.get_running_loop().create_task(self._speak(turn, text), name=f"duplex:say:{turn}")
+        if self._started is None or not self._started.done() or self._started.exception() is not None:
+            await self.start()  # (a dialogue session takes audio once its dialogue state is built)
+        number = [0]
+        if self.dialogue:
+            coro = self._say_dialogue(text, number)
+        else:
+            self._turns += 1
+            number[0] = self._turns
+            coro = self._speak(number[0], text)
+        task = asyncio.get_running_loop().create_task(coro, name=f"duplex:say:{self.name}")
         self._speaking.add(task)
         task.add_done_callback(self._speaking.discard)
         try:
@@ -497,20 +660,25 @@ class Session:
             raise
         if not task.cancelled() and task.exception() is not None:
             raise task.exception()  # type: ignore[misc]
-        return turn
+        return number[0]
 
     async def interrupt(self) -> bool:
-        """Stop speaking now and drop queued turns. True if something was cut."""
+        """Stop speaking now and drop queued turns. True if something was cut. In a dialogue the
+        reply is stopped as by a barge-in (``TurnEvent`` ``barge_in``, reason ``interrupt``): the
+        dialogue keeps only the words the user heard."""
         tasks = list(self._speaking)
         for t in tasks:
             t.cancel()
+        cut = self.coordinator.interrupt("interrupt") if self.coordinator is not None else False
         if tasks:
             await asyncio.wait(tasks)
-        return bool(tasks)
+        return cut or bool(tasks)
 
     @property
     def speaking(self) -> bool:
-        return bool(self._speaking)
+        """The agent is speaking, about to, or has turns waiting."""
+        c = self.coordinator
+        return bool(self._speaking) or (c is not None and c.speaking)
 
     def stats(self) -> dict[str, float]:
         return {"audio_s": round(self._pts, 3), "lag_s": round(self.lag_seconds, 3), **self.counts}
@@ -518,29 +686,130 @@ class Session:
     # -- internals --------------------------------------------------------------------------
 
     async def _speak(self, turn: int, text: str) -> None:
+        """Transcripts-only sessions: Piper's sentences out as fast as they are synthesised."""
         loop = asyncio.get_running_loop()
         ex = self.models.tts_executor
         async with self._speak_lock:
             tts = await loop.run_in_executor(ex, self.models.tts)
             rate = tts.sample_rate
             self.counts["turns"] += 1
-            self._emit(AgentText(turn=turn, text=text, pts=self._agent_pts))
-            self._emit(TurnEvent(kind="agent_started", turn=turn, pts=self._agent_pts))
+            self._emit(AgentText(reply=turn, text=text, pts=self._agent_pts))
+            self._emit(TurnEvent(kind="agent_start", reply=turn, pts=self._agent_pts))
             interrupted = True
             try:
                 chunks = tts.stream(text)
                 while (chunk := await loop.run_in_executor(ex, next, chunks, None)) is not None:
-                    self._emit(AgentAudio(samples=chunk, sample_rate=rate, turn=turn, pts=self._agent_pts))
+                    self._emit(AgentAudio(samples=chunk, sample_rate=rate, reply=turn, pts=self._agent_pts))
                     self._agent_pts += len(chunk) / rate
                 interrupted = False
             finally:
-                self._emit(TurnEvent(kind="agent_stopped", turn=turn, interrupted=interrupted, pts=self._agent_pts))
+                if interrupted:
+                    self._emit(TurnEvent(kind="barge_in", reason="interrupt", reply=turn, pts=self._agent_pts))
+                else:
+                    self._emit(TurnEvent(kind="agent_end", text=text, reply=turn, pts=self._agent_pts))
+
+    async def _say_dialogue(self, text: str, number: list[int]) -> None:
+        async with self._speak_lock:
+            await self._running.wait()
+            while self.coordinator is None or self.coordinator.speaking:  # the turn in progress ends first
+                await asyncio.sleep(0.02)
+            coord = self.coordinator
+            self.counts["turns"] += 1
+            number[0] = coord.say(text)
+            await coord.finished(number[0])
+
+    # -- dialogue: time, the player ---------------------------------------------------------
+
+    def _clock_time(self, pts: float) -> float:
+        """The session-clock time at which the audio at ``pts`` (seconds pushed) was pushed."""
+        wall = self._wall_at(pts)
+        now = self.clock.now()
+        return now if wall is None else now - max(0.0, time.monotonic() - wall)
+
+    def _audio_offset(self) -> float:
+        """Audio time minus session-clock time, from the latest push (audio flows in real time)."""
+        if not self._pushes:
+            return 0.0
+        end, wall = self._pushes[-1]
+        return end - (self.clock.now() - (time.monotonic() - wall))
+
+    def _wake_player(self) -> None:
+        loop = self._loop
+        if loop is None:
+            return
+        try:
+            on_loop = asyncio.get_running_loop() is loop
+        except RuntimeError:
+            on_loop = False
+        if on_loop:
+            self._player_wake.set()
+        else:
+            loop.call_soon_threadsafe(self._player_wake.set)
+
+    async def _play(self) -> None:
+        """The agent's voice, in real time: every 20 ms on the session clock, while there is audio
+        to play, the next block is pulled from ``Playback`` (which marks its words as heard and
+        feeds the echo canceller's reference) and sent out as ``AgentAudio`` if it has sound."""
+        pb = self.playback
+        assert pb is not None
+        dt = BLOCK / INTERNAL_RATE
+        while True:
+            self._player_wake.clear()
+            if not pb.busy():
+                await self._player_wake.wait()
+                continue
+            if self._reference is not None:
+                self._reference.offset = self._audio_offset()
+            t0, k = self.clock.now(), 0
+            while pb.busy():
+                t = t0 + k * dt
+                await self.clock.sleep_until(t)
+                behind = self.clock.now() - t
+                if behind > MAX_BEHIND_S:  # the loop was held up: carry on from now, lose nothing
+                    t0 += behind
+                    t += behind
+                before = pb.played_samples
+                block = pb.pull(BLOCK, t)
+                k += 1
+                if pb.played_samples > before:
+                    self._emit_audio(block, t)
+
+    def _emit_audio(self, block: np.ndarray, t: float) -> None:
+        reply = self.playback.current if self.playback.current is not None else self._last_reply
+        if reply > 0 and reply not in self._announced:
+            self._announce(reply)
+            self.reply_starts.append((reply, time.monotonic()))
+            self._emit(TurnEvent(kind="agent_start", reply=reply, pts=t))
+        self._last_reply = reply
+        self._emit(AgentAudio(samples=block, sample_rate=INTERNAL_RATE, reply=reply, pts=t))
+
+    def _announce(self, reply: int) -> None:
+        self._announced.add(reply)
+        if len(self._announced) > 256:
+            self._announced = set(sorted(self._announced)[-128:])
+
+    def _on_coordinator_event(self, e: dict) -> None:
+        if e.get("kind") == "error":
+            self.counts["errors"] += 1
+            self._emit(ErrorFrame(stage="coordinator", message=str(e.get("message", ""))[:300], pts=self.clock.now()))
+
+    def _prepare_dialogue(self) -> None:
+        """Worker thread: the LLM (if it was not loaded), Piper, and this session's dialogue state."""
+        import torch
+
+        torch.set_num_threads(1)  # one torch thread per model worker (the system prompt's prefill runs here)
+        llm = self.models.load_llm()
+        self.models.tts()
+        if self.dialogue_llm is None:
+            self.dialogue_llm = DialogueLLM(llm, self.cfg.dialogue, hotwords=self.asr_config.hotwords)
+
+    # -- internals --------------------------------------------------------------------------
 
     async def _mark(self, action: str, payload: Any = None) -> None:
         if self._closed:
             raise RuntimeError(f"session {self.name} is closed")
-        if self._task is None:
-            await self.start()
+        if self._started is None or not self._started.done() or self._started.exception() is not None:
+            await self.start()  # (a dialogue session takes audio once its dialogue state is built)
         token = next(self._tokens)
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._markers[token] = fut
@@ -554,12 +823,35 @@ class Session:
         self._markers.clear()
 
     def _stages(self) -> list[Stage]:
-        return [_VAD(self.cfg.vad, self.models.silero), _ASR(self._recognizer, self._hotwords), _Collect(self)]
+        if not self.dialogue:
+            return [_VAD(self.cfg.vad, self.models.silero), _ASR(self._recognizer, self._hotwords), _Collect(self)]
+        assert self.dialogue_llm is not None and self.playback is not None
+        coord = _Coordinator(self, self.dialogue_llm, self.models.tts(), self.playback, self.cfg.turns,
+                             on_event=self._on_coordinator_event)
+        coord.clock = self.clock  # say() may come before the pipeline binds it
+        self.coordinator = coord
+        self._announced.clear()  # a new coordinator numbers its replies from 1 again
+        stages: list[Stage] = []
+        if self._echo is not None:
+            stages.append(_AEC(self.cfg.aec, self._echo, canceller=self._canceller))
+        stages += [_VAD(replace(self.cfg.vad, activity_events=True), self.models.silero), coord.tap(),
+                   _ASR(self._recognizer, self._hotwords), coord, _Collect(self)]
+        return stages
 
     async def _supervise(self) -> None:
         """Run the pipeline; if a stage fails, report it and start a fresh one on the same input."""
+        assert self._started is not None
+        if self.dialogue:
+            try:
+                await asyncio.to_thread(self._prepare_dialogue)
+            except Exception as exc:  # noqa: BLE001 - reported to whoever starts the session
+                log.exception("session %s: the dialogue could not start", self.name)
+                self._started.set_exception(DuplexError(f"session {self.name}: the dialogue could not start: {_first(exc)}"))
+                return
+        self._started.set_result(None)
         while True:
-            pipeline = Pipeline(self._input, self._stages(), clock=RealClock(), queue_size=self.cfg.pipeline.queue_size)
+            pipeline = Pipeline(self._input, self._stages(), clock=self.clock, queue_size=self.cfg.pipeline.queue_size)
+            self._running.set()  # (run() binds the stages before anything else gets to run)
             try:
                 await pipeline.run()
                 return
@@ -570,6 +862,8 @@ class Session:
                 self._discard = False
                 self._utt_base = self._utt_max
                 self._resolve_markers()
+                if self.playback is not None:
+                    self.playback.clear(self.clock.now())
                 await asyncio.sleep(0.05)
 
 

@@ -6,7 +6,8 @@
 FILE is any audio file libsndfile reads (WAV, FLAC, ...; any rate, any channel count). Without one
 it takes a two-speaker recording from the shared speech data (../shared/data/speech, see its
 README). The file is fed at real-time pace, as a meeting tool would feed a microphone or a call;
-``--fast`` feeds it as fast as recognition keeps up.
+``--fast`` feeds it as fast as recognition keeps up. The agent is transcripts-only
+(``dialogue=False``): it does not load the LLM and never answers.
 
 On a terminal the caption being spoken is rewritten in place — committed words, then the part that
 may still change in brackets — and every finished sentence is printed with its time. ``--json``
@@ -76,7 +77,7 @@ async def main() -> int:
               "/usr/share/asterisk/sounds/en_US_f_Allison/demo-congrats.wav)", file=sys.stderr)
         return 2
     config = {"asr": {"hotwords": [w for w in args.hotwords.split(",") if w.strip()]}}
-    async with DuplexAgent.from_config(config) as agent:
+    async with DuplexAgent.from_config(config, dialogue=False) as agent:  # captions: transcribe, never answer
         async with asyncio.TaskGroup() as tg:
             tg.create_task(feed(agent, args.file, args.fast))
             shown = tg.create_task(show(agent, sys.stdout.isatty(), args.json))

@@ -184,6 +184,99 @@ class Coordinator(Stage):
         self._tts.shutdown(wait=True, cancel_futures=True)
         await super().aclose()
 
+    # -- control from outside (the session API, MQTT commands) -----------------------------
+
+    @property
+    def speaking(self) -> bool:
+        """The agent holds the floor: a reply is pending or playing, or its audio is queued."""
+        return self._pending is not None or self.state.mode is T.Mode.SPEAK or self.playback.busy()
+
+    def interrupt(self, reason: str = "interrupt") -> bool:
+        """Stop the agent now, as a barge-in does (``StopSpeaking``): playback is cleared, the reply
+        cancelled and its turn in the dialogue cut to the words the user heard (a ``barge_in``
+        ``TurnEvent`` with ``reason``); the turn core goes back to listening. A speculative reply
+        nobody has heard is left alone. Returns False when the agent was not speaking."""
+        self._ensure_ticker()
+        now = self.clock.now()
+        r = self._pending
+        if self.state.mode is T.Mode.SPEAK or (r is not None and not r.speculative):
+            self._do(T.StopSpeaking(reason, heard=self.state.heard), now)
+            self.state = T._to_listen(self.state, keep_user=False)
+            return True
+        if self.playback.busy():  # an aside (a backchannel) is playing
+            self.playback.clear(now)
+            return True
+        return False
+
+    def say(self, text: str) -> int:
+        """Speak ``text`` as the agent's own turn (a scripted prompt, an announcement), now: a turn
+        in progress is stopped first, as by ``interrupt``. It goes into the dialogue as an agent
+        turn (``DialogueLLM.agent_said``) and is spoken clause by clause like a reply, with the same
+        ``AgentText`` and ``TurnEvent`` frames; the user can barge in on it (the dialogue then
+        keeps what was heard). Returns its reply number (see ``finished``)."""
+        text = " ".join(text.split())
+        if self._closed:
+            raise RuntimeError("the conversation is closed")
+        self._ensure_ticker()
+        if self.speaking:
+            self.interrupt("say")
+        if self._pending is not None:  # a speculative reply nobody has heard
+            self._do(T.DropReply("say"), self.clock.now())
+            self.state = T._to_listen(self.state, keep_user=True)
+        now = self.clock.now()
+        self.state = T._take_turn(self.state, "say", [])  # the StartReply it would ask for is this
+        self._next_id += 1
+        r = _Reply(self._next_id, False, "", t_start=now)
+        self._replies[r.id] = r
+        self._pending = r
+        self._emit("decision", now, action="Say", reason=f"say {text[:60]!r}")
+        self._llm.submit(self._say_job, r, text)
+        return r.id
+
+    async def finished(self, reply: int) -> None:
+        """Return once reply ``reply`` has played out, been stopped or been dropped."""
+        r = self._replies.get(reply)
+        while r is not None and not self._closed and (self._pending is r or not (r.done or r.outcome)):
+            await asyncio.sleep(self.tick_s)
+
+    def reset(self) -> None:
+        """Forget the conversation: whatever plays or is pending is dropped, the turn core starts
+        over and the dialogue LLM starts a new conversation."""
+        now = self.clock.now()
+        for r in self._replies.values():
+            if not r.outcome:
+                r.outcome = "reset"  # nothing to settle: the dialogue is reset after it
+                r.cancel.set()
+        self._replies.clear()
+        self._pending = None
+        self._eot_text = None
+        self.playback.clear(now)
+        self.state = T.initial_state(self.state.config)
+        self._llm.submit(self.dialogue.reset)
+
+    def _say_job(self, r: _Reply, text: str) -> None:
+        """LLM thread: the said text into the dialogue, then clause by clause to the TTS thread."""
+        said = None
+        if not r.cancel.is_set():
+            try:
+                self.dialogue.agent_said(text)
+                said = _Said(self.dialogue)
+                buf = text
+                while (cut := split_clause(buf, r.clauses == 0, self.max_clause_words)) is not None:
+                    clause, buf = cut
+                    self._clause(r, clause)
+                if buf.strip():
+                    self._clause(r, buf.strip())
+                r.generated = text
+            except Exception as exc:
+                self._call(self._error, f"say failed: {exc}")
+        r.llm_done = True
+        self._tts.submit(self._tts_done, r)
+        if r.outcome:
+            self._settle_llm(r, said)
+        else:
+            r._reply_obj = said  # type: ignore[attr-defined]
+
     # -- the turn core ----------------------------------------------------------------------
 
     def _step(self, event) -> None:
@@ -223,7 +316,7 @@ class Coordinator(Stage):
                 r.heard = heard or a.heard
                 r.cancel.set()
                 self._emit("agent_stopped", t, reply=r.id, heard=r.heard, reason=a.reason)
-                self._push_frame(TurnEvent(pts=t, kind="barge_in", reason=a.reason, text=r.heard))
+                self._push_frame(TurnEvent(pts=t, kind="barge_in", reason=a.reason, text=r.heard, reply=r.id))
                 self._llm.submit(self._settle_llm, r)
         elif isinstance(a, T.PauseSpeaking):
             self.playback.pause()
@@ -402,13 +495,13 @@ class Coordinator(Stage):
             r = self._replies.get(e.reply)
             if e.kind == "start":
                 self._emit("agent_audio_start", e.t, reply=e.reply, latency_from=r.t_start if r else None)
-                self._push_frame(TurnEvent(pts=e.t, kind="agent_start", reason="", text=""))
+                self._push_frame(TurnEvent(pts=e.t, kind="agent_start", reason="", text="", reply=e.reply))
                 self._step(T.AgentAudioStarted(e.t))
             elif e.kind == "words":
                 self._step(T.AgentWordsPlayed(e.t, e.text))
             elif e.kind == "end":
                 self._emit("agent_audio_end", e.t, reply=e.reply, heard=e.text)
-                self._push_frame(TurnEvent(pts=e.t, kind="agent_end", reason="", text=e.text))
+                self._push_frame(TurnEvent(pts=e.t, kind="agent_end", reason="", text=e.text, reply=e.reply))
                 if self._pending is r:
                     self._pending = None
                 self._step(T.AgentAudioFinished(e.t))
@@ -451,6 +544,20 @@ class Coordinator(Stage):
     def _error(self, message: str) -> None:
         log.warning("%s", message)
         self._emit("error", self.clock.now(), message=message)
+
+
+class _Said:
+    """The dialogue side of a said turn, settled like a generated reply: a stop truncates it to what
+    was heard (``_settle_llm`` does that); a drop (no audio came) marks it cut off unheard."""
+
+    def __init__(self, dialogue: DialogueLLM) -> None:
+        self.dialogue = dialogue
+
+    def close(self) -> None:
+        pass
+
+    def drop(self) -> None:
+        self.dialogue.truncate_agent_turn("")
 
 
 class _VADTap(Stage):

@@ -102,6 +102,12 @@ class Playback:
         with self._lock:
             return self._heard_text(reply)
 
+    @property
+    def current(self) -> int | None:
+        """The reply now playing: its first sample has been pulled, and it has neither played out
+        nor been cleared (None otherwise)."""
+        return self._current
+
     def busy(self) -> bool:
         """Audio is queued (playing or held)."""
         with self._lock:

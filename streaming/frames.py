@@ -210,11 +210,14 @@ class AgentText(DataFrame):
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TurnEvent(DataFrame):
     """A turn change: ``agent_start`` / ``agent_end`` (the agent's audio began / played out),
-    ``barge_in`` (the user interrupted; ``text`` is what the user heard of the reply)."""
+    ``barge_in`` (the agent was cut short, by the user or by an interrupt command: ``reason`` says
+    why; ``text`` is what the user heard of the reply). ``reply`` numbers the agent's turn, as
+    ``AgentText.reply`` does (0: unknown)."""
 
     kind: str = ""
     reason: str = ""
     text: str = ""
+    reply: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

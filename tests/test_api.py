@@ -1,9 +1,12 @@
-"""The embedding API: DuplexAgent around one Session, with real models and recorded speech."""
+"""The embedding API: DuplexAgent around one Session, with real models and recorded speech: a
+transcripts-only agent, and a full-duplex conversation (Whisper, SmolLM2, Piper)."""
 
 from __future__ import annotations
 
 import asyncio
 import re
+import time
+from pathlib import Path
 
 import jiwer
 import numpy as np
@@ -19,6 +22,7 @@ from streaming.frames import FinalText, PartialText, SpeechEnded, SpeechStarted
 from streaming.resample import resample
 
 RATE = 16000
+SCENARIO_AUDIO = Path(__file__).resolve().parent.parent / "agent" / "data" / "scenarios" / "audio"
 
 
 def words(text: str) -> str:
@@ -68,9 +72,9 @@ async def test_agent_transcribes_any_format_speaks_and_obeys(models):
         assert await agent.interrupt()
         assert await say == 1
         spoken = events[n:]
-        assert isinstance(spoken[0], AgentText) and spoken[1] == TurnEvent(kind="agent_started", turn=1, pts=0.0)
-        stop = [e for e in spoken if isinstance(e, TurnEvent) and e.kind == "agent_stopped"]
-        assert len(stop) == 1 and stop[0].interrupted
+        assert isinstance(spoken[0], AgentText) and spoken[1] == TurnEvent(kind="agent_start", reply=1, pts=0.0)
+        stop = [e for e in spoken if isinstance(e, TurnEvent) and e.kind in ("agent_end", "barge_in")]
+        assert len(stop) == 1 and stop[0].kind == "barge_in" and stop[0].reason == "interrupt"
         audio_out = [e for e in spoken if isinstance(e, AgentAudio)]
         assert audio_out[0].sample_rate == 22050 and sum(a.seconds for a in audio_out) < 5.0
         assert not agent.session.speaking and not await agent.interrupt()
@@ -113,3 +117,86 @@ def test_config_sources(tmp_path):
         config_from({"asr": {"bogus": 1}})
     with pytest.raises(ConfigError, match="not inside a section"):
         config_from({"threshold": 0.6})
+
+
+# ------------------------------------------------------------------------------- a conversation
+
+
+@pytest.fixture(scope="module")
+def dialogue_models():
+    m = SharedModels.load(load_config(use_user_default=False, environ={}), llm=True)
+    yield m
+    m.close()
+
+
+async def test_conversation_question_reply_interrupt_and_say(dialogue_models):
+    """A recorded question, pushed like a microphone: the final transcript, then the agent's reply as
+    text and as real-time 16 kHz audio; interrupt() cuts it and the dialogue keeps what was heard;
+    say() is spoken and remembered."""
+    question = read_audio(SCENARIO_AUDIO / "q_weather.wav")  # "What's the weather usually like in Spain in the spring?"
+    audio = np.concatenate([np.zeros(RATE // 4, np.float32), question, np.zeros(RATE, np.float32)])
+    seen: list[tuple[float, object]] = []
+    async with DuplexAgent.from_config({"dialogue": {"max_new_tokens": 24}}, models=dialogue_models) as agent:
+        assert agent.dialogue and agent.session.mode == "dialogue"
+
+        async def collect():
+            async for ev in agent.events():
+                seen.append((time.monotonic(), ev))
+
+        collector = asyncio.create_task(collect())
+        events = lambda kind: [e for _, e in seen if isinstance(e, kind)]  # noqa: E731
+        t0 = time.monotonic()
+        for i in range(0, len(audio), 320):  # 20 ms blocks at real-time pace
+            await agent.push_audio(audio[i : i + 320])
+            await asyncio.sleep(max(0.0, t0 + (i + 320) / RATE - time.monotonic()))
+        await until(lambda: len(events(AgentAudio)) >= 30 and events(FinalText), 25, "the final and 0.6 s of the reply")
+
+        final = events(FinalText)[0]
+        assert jiwer.wer("what's the weather usually like in spain in the spring", words(final.text)) <= 0.3, final.text
+        texts = events(AgentText)
+        assert texts and all(t.reply == 1 for t in texts) and "".join(t.text for t in texts).strip()
+        kinds = [type(e) for _, e in seen]
+        start = kinds.index(TurnEvent)
+        assert seen[start][1].kind == "agent_start" and seen[start][1].reply == 1 and start < kinds.index(AgentAudio)
+        blocks = events(AgentAudio)[:30]
+        assert all(b.sample_rate == RATE and b.num_samples == 320 and b.reply == 1 for b in blocks)
+        assert np.allclose(np.diff([b.pts for b in blocks]), 0.02, atol=1e-6)  # one continuous stream
+        arrived = [t for t, e in seen if isinstance(e, AgentAudio)][:30]
+        assert arrived[-1] - arrived[0] >= 0.45, "agent audio comes in real time, not in a burst"
+        assert max(float(np.abs(b.samples).max()) for b in blocks) > 0.05
+
+        # interrupt(): a barge-in on reply 1; no more of its audio; the dialogue keeps what was heard
+        assert await agent.interrupt()
+        await until(lambda: any(e.kind == "barge_in" for e in events(TurnEvent)), 5, "the barge-in event")
+        cut = next(e for e in events(TurnEvent) if e.kind == "barge_in")
+        assert cut.reply == 1 and cut.reason == "interrupt"
+        n_audio = len(events(AgentAudio))
+        await asyncio.sleep(0.2)
+        assert len(events(AgentAudio)) <= n_audio + 1
+        # (the LLM's thread cuts the turn once the reply's generation has stopped)
+        await until(lambda: "[interrupted]" in agent.session.dialogue_llm.text, 10, "the truncated agent turn")
+        dialogue = agent.session.dialogue_llm.text
+        assert "spring" in dialogue.lower(), dialogue
+        assert cut.text and cut.text.split()[0] in dialogue
+
+        # say(): spoken as reply 2, played to its end, and part of the dialogue
+        n = len(seen)
+        assert await agent.say("Thank you for asking. Goodbye.") == 2
+        said = [e for _, e in seen[n:]]
+        assert [e.kind for e in said if isinstance(e, TurnEvent)] == ["agent_start", "agent_end"]
+        assert " ".join(e.text for e in said if isinstance(e, AgentText)) == "Thank you for asking. Goodbye."
+        voice = np.concatenate([e.samples for e in said if isinstance(e, AgentAudio) and e.reply == 2])
+        assert 1.0 < len(voice) / RATE < 5.0
+        dialogue = agent.session.dialogue_llm.text
+        assert dialogue.index("Thank you for asking. Goodbye.") > dialogue.index("[interrupted]"), dialogue
+        await agent.finish()
+        await asyncio.wait_for(collector, 5)
+    from agent.transcribe import transcribe_offline
+    import soundfile as sf
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "said.wav"
+        sf.write(path, voice, RATE)
+        heard = words(transcribe_offline(path, dialogue_models.whisper, agent.cfg.asr).text)
+    assert "goodbye" in heard.replace(" ", "") or "good bye" in heard, heard
