@@ -287,7 +287,9 @@ def judge(user: SimulatedUser, events: list[dict]) -> list[dict]:
                 o["ok"] = not after
         else:
             # agent audio around the clip: the stretch that was playing when it began
-            playing = r.agent_active_at_start
+            # the agent's turn was on (its audio had started and not ended or been stopped), even
+            # if its audio paused between two clauses that were still being written
+            playing = r.agent_active_at_start or _agent_turn_on(events, r.start)
             stop = next((s for s in stops if r.start - 0.05 <= s["t"] <= r.end + 3.0), None)
             o["agent_was_speaking"] = bool(playing)
             if not playing:
@@ -309,6 +311,18 @@ def judge(user: SimulatedUser, events: list[dict]) -> list[dict]:
                 o["ok"] = stop is None
         out.append(o)
     return out
+
+
+def _agent_turn_on(events: list[dict], t: float) -> bool:
+    on: set = set()
+    for e in events:
+        if e["t"] > t:
+            continue
+        if e["kind"] == "agent_audio_start":
+            on.add(e.get("reply"))
+        elif e["kind"] in ("agent_audio_end", "agent_audio_stopped"):
+            on.discard(e.get("reply"))
+    return bool(on)
 
 
 def _last_agent_sample(user: SimulatedUser, start: float, until: float) -> float | None:
