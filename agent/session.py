@@ -403,6 +403,7 @@ class Session:
         self._player: asyncio.Task[None] | None = None
         self._player_wake = asyncio.Event()
         self._announced: set[int] = set()  # replies whose agent_start has been emitted
+        self._ended: deque[int] = deque(maxlen=64)  # replies whose agent_end or barge_in has been emitted
         #: (reply, time.monotonic()) when each reply's first audio block was emitted (dialogue)
         self.reply_starts: deque[tuple[int, float]] = deque(maxlen=1000)
         self._last_reply = 0
@@ -544,6 +545,8 @@ class Session:
             if frame.reply in self._announced:
                 return  # the player announced it already, in front of the reply's first audio
             self._announce(frame.reply)
+        elif isinstance(frame, TurnEvent):
+            self._ended.append(frame.reply)
         if isinstance(frame, (PartialText, FinalText)):
             utt = self._utt_base + frame.utterance
             self._utt_max = max(self._utt_max, utt)
@@ -717,6 +720,10 @@ class Session:
             self.counts["turns"] += 1
             number[0] = coord.say(text)
             await coord.finished(number[0])
+            # its last turn event is on its way through the pipeline: say returns after it
+            deadline = time.monotonic() + 2.0
+            while number[0] in self._announced and number[0] not in self._ended and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
 
     # -- dialogue: time, the player ---------------------------------------------------------
 

@@ -423,7 +423,7 @@ async def test_conversation_over_mqtt_a_question_in_a_spoken_reply_out(broker, c
     """A conversation site: a recorded question published as audio frames yields its final
     transcript, the reply's text and turn events, and the reply itself as audio frames, paced in real
     time, that Whisper understands."""
-    dcfg = replace(cfg, dialogue=replace(cfg.dialogue, max_new_tokens=16))
+    dcfg = replace(cfg, dialogue=replace(cfg.dialogue, max_new_tokens=12))
     question = read_audio(SCENARIO_AUDIO / "q_weather.wav")  # "What's the weather usually like in Spain in the spring?"
     async with serving(dcfg, broker, dialogue_models, sites=["porch"]) as svc, \
             watching(broker, [("duplex/porch/#", 1)]) as w, \
@@ -438,17 +438,18 @@ async def test_conversation_over_mqtt_a_question_in_a_spoken_reply_out(broker, c
         turns = w.of("turn")
         assert [t.type for t in turns] == ["speech_started", "speech_ended", "agent_started", "agent_stopped"] or \
             [t.type for t in turns] == ["speech_started", "agent_started", "speech_ended", "agent_stopped"], turns
-        stopped = turns[-1]
-        assert stopped.turn == 1 and stopped.interrupted is False
-        text = " ".join(a.text for a in w.of("agent_text"))
-        assert all(a.turn == 1 for a in w.of("agent_text")) and len(text.split()) >= 3, text
+        started, stopped = turns[-2] if turns[-2].type == "agent_started" else turns[1], turns[-1]
+        assert stopped.turn == started.turn and stopped.interrupted is False
+        # (a speculative reply dropped before it played may have sent text too: it has another number)
+        text = " ".join(a.text for a in w.of("agent_text") if a.turn == started.turn)
+        assert len(text.split()) >= 3, text
         frames = w.of("audio_out")
         assert [f.header.seq for f in frames] == list(range(1, len(frames) + 1)), "agent audio in order, no holes"
         assert frames[0].header.flags & FLAG_START and frames[0].header.sample_rate == RATE
         reply = np.concatenate([f.samples() for f in frames])
         seconds = len(reply) / RATE
         arrived = [s.t for s in w.seen if s.kind == "audio_out"]
-        assert seconds > 1.0 and arrived[-1] - arrived[0] >= 0.8 * seconds - 0.1, "real-time pace, not a burst"
+        assert seconds > 1.0 and arrived[-1] - arrived[0] >= 0.7 * seconds - 0.2, "real-time pace, not a burst"
         assert not w.undecodable
     from agent.transcribe import transcribe_offline
     import soundfile as sf
