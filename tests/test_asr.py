@@ -92,6 +92,9 @@ def test_long_speech_is_cut_at_stable_words_and_cost_stays_flat(tiny):
     rec = StreamingRecognizer(tiny, ASRConfig(max_window_s=12.0))
     rs = rec.init_state()
     rec.start(rs, 0.0)
+    windows = []  # seconds of audio each encoder pass saw: the cost of a step, without a clock
+    encode = rec._encode
+    rec._encode = lambda s, audio, final=False: (windows.append(len(audio) / RATE), encode(s, audio, final))[1]
     out = []
     for i in range(0, len(speech), 320):
         out += rec.push(rs, speech[i : i + 320], i / RATE)
@@ -99,9 +102,9 @@ def test_long_speech_is_cut_at_stable_words_and_cost_stays_flat(tiny):
     finals = [f for f in out if isinstance(f, FinalText)]
     assert sum(f.continued for f in finals) >= 3, "the window was cut at committed words"
     assert len(rs.buf) / RATE < 12.0 + 8.0, "the audio buffer is trimmed"
-    steps = rs.step_seconds
-    early, late = np.median(steps[5:25]), np.median(steps[-20:])
-    assert late < early * 3.0, (early, late)
+    # flat cost: no encoder pass ever saw more than the window bound (timings are left to
+    # `duplex bench asr --monologue-minutes`: on a shared machine they are noise in a test)
+    assert len(windows) > 100 and max(windows) <= 12.0 + 5.0 + 0.5, max(windows)
     text = " ".join(f.text for f in finals).lower()
     assert text.count("ill disposed") + text.count("ill-disposed") >= 2
 
