@@ -2,6 +2,7 @@
 through the sink's monitor into our MicSource, sample for sample (up to resampling)."""
 
 import asyncio
+import subprocess
 
 import numpy as np
 import pytest
@@ -109,7 +110,15 @@ async def test_duplex_listen_hears_speech_on_the_default_microphone(pulse_null_s
         str(duplex_bin), "listen", "--seconds", "5", "--json",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=dict(os.environ),
     )
-    await asyncio.sleep(1.5)  # let it open the device
+    # play only once it records (a fixed sleep lost the race on a loaded machine)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 60
+    while loop.time() < deadline:
+        r = subprocess.run(["pactl", "list", "short", "source-outputs"], capture_output=True, text=True)
+        if r.stdout.strip():
+            break
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(0.3)
     await Pipeline(FileSource(librivox("0880"), pace="fast"), [SpeakerSink("pulse")], clock=RealClock()).run()
     out, err = await asyncio.wait_for(proc.communicate(), timeout=30)
     assert proc.returncode == 0, err.decode()
