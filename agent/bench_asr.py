@@ -66,13 +66,17 @@ _NORMALIZER = None
 
 def normalize(text: str) -> str:
     """Whisper's English normaliser (case, punctuation, spelled-out numbers -> digits), after
-    spelling out the IVR scripts' keypad symbols."""
+    spelling out the IVR scripts' keypad symbols and opening parentheses."""
     global _NORMALIZER
     if _NORMALIZER is None:
         from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
 
         _NORMALIZER = EnglishTextNormalizer({})
     text = text.replace("#", " pound ").replace("*", " star ").replace("-", " ")
+    # Whisper's normaliser deletes whatever stands in parentheses or brackets (meant for sound
+    # tags such as "(laughs)"); in a reference that is spoken text (LJ001-0024: "(which also was
+    # printed at Maintz by Peter Schoeffer ...)"), so keep the words and drop the marks
+    text = re.sub(r"[()\[\]<>]", " ", text)
     return " ".join(_NORMALIZER(text).split())
 
 
@@ -80,8 +84,46 @@ def _phrase(word: str) -> str:
     return normalize(word)
 
 
-def count_phrase(text: str, phrase: str) -> int:
+def count_phrase_exact(text: str, phrase: str) -> int:
+    """The first definition: the normalised phrase as whole words, spelled exactly so."""
     return len(re.findall(rf"(?<!\S){re.escape(phrase)}(?!\S)", text)) if phrase else 0
+
+
+def _spans(words: list[str], phrase: str) -> list[tuple[int, int]]:
+    """Runs of up to four whole words whose letters, joined, spell ``phrase`` joined;
+    non-overlapping, left to right, as (first, last + 1)."""
+    key = phrase.replace(" ", "")
+    out: list[tuple[int, int]] = []
+    i = 0
+    while key and i < len(words):
+        joined = ""
+        for j in range(i, min(i + 4, len(words))):
+            joined += words[j]
+            if joined == key:
+                out.append((i, j + 1))
+                i = j
+                break
+            if not key.startswith(joined):
+                break
+        i += 1
+    return out
+
+
+def count_phrase(text: str, phrase: str) -> int:
+    """How often ``phrase`` occurs in ``text`` (both normalised), blind to how a compound is split:
+    "touchtone", "touch tone" and "touch-tone" are one word to a listener, and the references
+    and Whisper each write them both ways."""
+    return len(_spans(text.split(), phrase))
+
+
+def strip_phrases(text: str, phrases: list[str]) -> str:
+    """``text`` without the words of any occurrence of ``phrases`` (for WER on the other words)."""
+    words = text.split()
+    drop: set[int] = set()
+    for p in phrases:
+        for a, b in _spans(words, p):
+            drop.update(range(a, b))
+    return " ".join(w for i, w in enumerate(words) if i not in drop)
 
 
 # --------------------------------------------------------------------------------- our path
@@ -199,24 +241,53 @@ def wer(refs: list[str], hyps: list[str]) -> float:
 
 
 def hotword_scores(refs: list[str], hyps: list[str], targets: list[str], distractors: list[str]) -> dict:
+    """Recall of the targets, WER on the other words (every occurrence of a target phrase taken
+    out of reference and hypothesis alike), and four views of leakage, as shares of utterances:
+
+    * ``leakage_rate`` (the issue's "a hotword that is not spoken must not appear"): the
+      hypothesis holds a listed phrase, target or distractor, that the reference does not hold at
+      all;
+    * ``distractor_leakage_rate``: the same for the distractors alone;
+    * ``over_production_rate``: a listed phrase appears more often in the hypothesis than in the
+      reference (a spoken target written once too often is an insertion: WER counts it too);
+    * ``leakage_rate_v1``: the first definition, over-production with exact spelling
+      (``count_phrase_exact``), which also counted "touchtone" against a reference that
+      writes "touch tone".
+    """
     t_phr = [p for p in (_phrase(w) for w in targets) if p]
     d_phr = [p for p in (_phrase(w) for w in distractors) if p]
     found = total = 0
-    leaked = 0
+    absent = distracted = over = v1 = 0
     for r, h in zip(refs, hyps):
         for p in t_phr:
             n = count_phrase(r, p)
             total += n
             found += min(n, count_phrase(h, p))
-        if any(count_phrase(h, p) > count_phrase(r, p) for p in d_phr + t_phr):
-            leaked += 1
-    strip = lambda s: " ".join(w for w in s.split() if not any(w in p.split() for p in t_phr))  # noqa: E731
+        counts = [(count_phrase(h, p), count_phrase(r, p)) for p in d_phr + t_phr]
+        absent += any(nh > 0 and nr == 0 for nh, nr in counts)
+        distracted += any(nh > 0 and nr == 0 for nh, nr in counts[: len(d_phr)])
+        over += any(nh > nr for nh, nr in counts)
+        v1 += any(count_phrase_exact(h, p) > count_phrase_exact(r, p) for p in d_phr + t_phr)
+    n = len(refs) or 1
     return {
         "hotword_recall": found / total if total else None,
         "hotword_occurrences": total,
-        "non_hotword_wer": wer([strip(r) for r in refs], [strip(h) for h in hyps]),
-        "leakage_rate": leaked / len(refs) if refs else 0.0,
+        "non_hotword_wer": wer([strip_phrases(r, t_phr) for r in refs], [strip_phrases(h, t_phr) for h in hyps]),
+        "leakage_rate": absent / n,
+        "distractor_leakage_rate": distracted / n,
+        "over_production_rate": over / n,
+        "leakage_rate_v1": v1 / n,
     }
+
+
+def leaks(ref: str, hyp: str, targets: list[str], distractors: list[str]) -> list[tuple[str, int, int]]:
+    """(phrase, in hypothesis, in reference) for every listed phrase the hypothesis over-produces."""
+    out = []
+    for p in [_phrase(w) for w in distractors + targets]:
+        nh, nr = count_phrase(hyp, p), count_phrase(ref, p)
+        if p and nh > nr:
+            out.append((p, nh, nr))
+    return out
 
 
 def pct(values: list[float]) -> dict:
@@ -229,8 +300,36 @@ def pct(values: list[float]) -> dict:
 # ------------------------------------------------------------------------------------ bench
 
 
+SYSTEMS = {
+    "ours_streaming": "duplex streaming",
+    "ours_streaming_hotwords": "duplex streaming + hotwords",
+    "faster_whisper_greedy": "faster-whisper offline, greedy",
+    "faster_whisper_beam5": "faster-whisper offline, beam 5",
+    "faster_whisper_hotwords": "faster-whisper offline, beam 5 + hotwords=",
+}
+#: short names for ``--systems``
+SYSTEM_ALIASES = {"ours": "ours_streaming", "ours+hot": "ours_streaming_hotwords", "fw-greedy": "faster_whisper_greedy",
+                  "fw-beam5": "faster_whisper_beam5", "fw-hot": "faster_whisper_hotwords"}
+
+
+def parse_systems(spec: str | None) -> list[str]:
+    """``--systems``: comma-separated keys of ``SYSTEMS`` or their aliases; all five by default."""
+    if not spec:
+        return list(SYSTEMS)
+    out = []
+    for item in (x.strip() for x in spec.split(",")):
+        key = SYSTEM_ALIASES.get(item, item)
+        if key not in SYSTEMS:
+            raise DuplexError(f"unknown system {item!r}; choose from {', '.join([*SYSTEM_ALIASES, *SYSTEMS])}")
+        if key not in out:
+            out.append(key)
+    if not out:
+        raise DuplexError("--systems names no system")
+    return out
+
+
 def bench_model(name: str, bundle, ct2_dir: Path, rows: list[Row], asr: ASRConfig, vad_cfg: VADConfig,
-                targets: list[str], distractors: list[str], progress=None) -> dict:
+                targets: list[str], distractors: list[str], progress=None, systems: list[str] | None = None) -> dict:
     import torch
 
     torch.set_num_threads(1)  # as the ASR stage's worker thread runs it
@@ -272,13 +371,20 @@ def bench_model(name: str, bundle, ct2_dir: Path, rows: list[Row], asr: ASRConfi
         return {"wer": wer(refs, texts), "final_latency_ms": pct([t * 1000 for t in times]),
                 "rtf": sum(times) / res["audio_seconds"], "hyps": texts, "_latencies": [t * 1000 for t in times]}
 
-    res["ours_streaming"] = ours(asr)
-    res["ours_streaming_hotwords"] = ours(ASRConfig(**{**asr.__dict__, "hotwords": tuple(targets + distractors)}))
-    res["faster_whisper_greedy"] = peer(None, 1)
-    res["faster_whisper_beam5"] = peer(None, 5)
-    res["faster_whisper_hotwords"] = peer(hot, 5)
-    for key in ("ours_streaming", "ours_streaming_hotwords", "faster_whisper_greedy", "faster_whisper_beam5", "faster_whisper_hotwords"):
+    res["files_list"] = [r.path.name for r in rows]
+    res["refs"] = refs
+    runners = {
+        "ours_streaming": lambda: ours(asr),
+        "ours_streaming_hotwords": lambda: ours(ASRConfig(**{**asr.__dict__, "hotwords": tuple(targets + distractors)})),
+        "faster_whisper_greedy": lambda: peer(None, 1),
+        "faster_whisper_beam5": lambda: peer(None, 5),
+        "faster_whisper_hotwords": lambda: peer(hot, 5),
+    }
+    for key in systems or list(SYSTEMS):
+        res[key] = runners[key]()
         res[key].update(hotword_scores(refs, res[key]["hyps"], targets, distractors))
+        res[key]["leaks"] = {i: leaks(r, h, targets, distractors) for i, (r, h) in enumerate(zip(refs, res[key]["hyps"]))
+                             if leaks(r, h, targets, distractors)}
     return res
 
 
@@ -287,26 +393,30 @@ def markdown(results: list[dict]) -> str:
         return "–" if x is None else f"{x:.{nd}f}"
 
     lines = [
-        "| model | system | WER | final latency p50 / p90 ms | stable-word delay p50 / p90 ms | RTF | hotword recall | non-hotword WER | leakage |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | system | WER | final latency p50 / p90 ms | stable-word delay p50 / p90 ms | RTF | hotword recall | "
+        "non-hotword WER | leakage | distractor leakage | over-production | leakage (v1) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    names = {
-        "ours_streaming": "duplex streaming",
-        "ours_streaming_hotwords": "duplex streaming + hotwords",
-        "faster_whisper_greedy": "faster-whisper offline, greedy",
-        "faster_whisper_beam5": "faster-whisper offline, beam 5",
-        "faster_whisper_hotwords": "faster-whisper offline, beam 5 + hotwords=",
-    }
     for r in results:
-        for key, label in names.items():
+        for key, label in SYSTEMS.items():
+            if key not in r:
+                continue
             s = r[key]
             lat = s["final_latency_ms"]
             st = s.get("stable_word_delay_ms", {"p50": None, "p90": None})
             lines.append(
                 f"| {r['model']} | {label} | {f(s['wer'])} | {f(lat['p50'], 0)} / {f(lat['p90'], 0)} | "
                 f"{f(st['p50'], 0)} / {f(st['p90'], 0)} | {f(s['rtf'])} | {f(s['hotword_recall'])} | "
-                f"{f(s['non_hotword_wer'])} | {s['leakage_rate']:.3f} |"
+                f"{f(s['non_hotword_wer'])} | {s['leakage_rate']:.3f} | {s['distractor_leakage_rate']:.3f} | "
+                f"{s['over_production_rate']:.3f} | {s['leakage_rate_v1']:.3f} |"
             )
+    lines += [
+        "",
+        "leakage: utterances whose transcript holds a listed hotword (target or distractor) that the reference does not "
+        "hold; distractor leakage: the same for distractors; over-production: a listed phrase more often than in the "
+        "reference; leakage (v1): the first definition, over-production with exact spelling. Compounds count however "
+        "they are split (touchtone = touch tone), except in v1.",
+    ]
     return "\n".join(lines)
 
 
@@ -319,10 +429,12 @@ def plot(results: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for r in results:
         for key, style in (("ours_streaming", "-"), ("faster_whisper_greedy", "--")):
+            if key not in r:
+                continue
             lat = sorted(r[key]["_latencies"])
             if lat:
                 axes[0].plot(lat, np.linspace(0, 1, len(lat)), style, label=f"{r['model']} {key.replace('_', ' ')}")
-        st = sorted(r["ours_streaming"]["_stable"])
+        st = sorted(r.get("ours_streaming", r.get("ours_streaming_hotwords", {})).get("_stable", []))
         if st:
             axes[1].plot(st, np.linspace(0, 1, len(st)), label=r["model"])
     axes[0].set(title="final transcript latency (CDF)", xlabel="ms after end of speech", ylabel="fraction")
@@ -340,9 +452,24 @@ def strip_private(results: list[dict]) -> list[dict]:
 
 
 
+def current_rss_mb() -> float:
+    """Resident memory now (not the peak that ``ru_maxrss`` gives), from /proc; the peak where
+    /proc is missing."""
+    import os
+    import resource
+
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def monologue(bundle, rows: list[Row], asr: ASRConfig, minutes: float = 10.0) -> dict:
     """A long monologue (the manifest's speech joined with 150 ms gaps, too short for VAD to end
-    the utterance) streamed with one open utterance: step time and memory per minute."""
+    the utterance) streamed with one open utterance: step time, resident memory per minute (at
+    its end, lowest and highest, sampled every second of audio; and the process's peak) and the
+    recogniser state's size."""
     import resource
 
     import torch
@@ -358,11 +485,15 @@ def monologue(bundle, rows: list[Row], asr: ASRConfig, minutes: float = 10.0) ->
             if total >= minutes * 60 * 16000:
                 break
     audio = np.concatenate(pieces)
+    del pieces
     rec = StreamingRecognizer(bundle, asr)
     state = rec.init_state()
     rec.start(state, 0.0)
     per_minute: dict[int, list[float]] = {}
     rss: dict[int, float] = {}
+    rss_range: dict[int, tuple[float, float]] = {}
+    peak: dict[int, float] = {}
+    sizes: dict[int, dict] = {}
     finals = 0
     for i in range(0, len(audio), BLOCK):
         t = time.perf_counter()
@@ -372,12 +503,23 @@ def monologue(bundle, rows: list[Row], asr: ASRConfig, minutes: float = 10.0) ->
         if any(isinstance(f, PartialText) for f in out):
             per_minute.setdefault(minute, []).append(dt * 1000)
         finals += sum(isinstance(f, FinalText) for f in out)
-        rss[minute] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        if (i // BLOCK) % 50 == 0 or int((i + BLOCK) / 16000 // 60) != minute or i + BLOCK >= len(audio):
+            # every second and at the minute's last block: memory as it stands
+            now = current_rss_mb()
+            lo, hi = rss_range.get(minute, (now, now))
+            rss_range[minute] = (min(lo, now), max(hi, now))
+            rss[minute] = now
+            peak[minute] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            sizes[minute] = {"buffer_s": round(len(state.buf) / 16000, 2), "context_tokens": len(state.context),
+                             "step_seconds_kept": len(state.step_seconds)}
     finals += len(rec.finish(state))
     return {
         "minutes": round(len(audio) / 16000 / 60, 2),
         "step_ms_by_minute": {m: pct(v) for m, v in sorted(per_minute.items())},
-        "peak_rss_mb_by_minute": rss,
+        "rss_mb_by_minute": rss,
+        "rss_mb_range_by_minute": rss_range,
+        "peak_rss_mb_by_minute": peak,
+        "state_by_minute": sizes,
         "buffer_seconds_at_end": round(len(state.buf) / 16000, 2),
         "final_segments": finals,
     }

@@ -130,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TSV of kind (target|distractor) and hotword (default: the bundled English list)")
     b.add_argument("--limit", type=int, help="only the first N files (a quick look)")
     b.add_argument("--out-dir", type=Path, default=Path("bench-out"), help="where report.md, asr.json and the plot go")
+    b.add_argument("--systems", metavar="S1,S2",
+                   help="only these of ours, ours+hot, fw-greedy, fw-beam5, fw-hot (default: all five)")
     b.add_argument("--monologue-minutes", type=float, default=0.0,
                    help="instead: stream one unbroken monologue this long and report step time and memory per minute")
 
@@ -438,17 +440,22 @@ def cmd_bench_asr(args: argparse.Namespace, cfg: DuplexConfig) -> int:
                for n in names}
         for n, r in out.items():
             print(f"{n}: {r['minutes']} min, {r['final_segments']} final segments, buffer at end {r['buffer_seconds_at_end']} s")
-            print("| minute | partial step p50 ms | p90 ms | peak RSS MB |\n|---|---|---|---|")
+            print("| minute | partial step p50 ms | p90 ms | RSS at minute end MB | RSS lowest / highest MB | peak RSS MB |\n"
+                  "|---|---|---|---|---|---|")
             for m, st in r["step_ms_by_minute"].items():
-                print(f"| {m + 1} | {st['p50']:.0f} | {st['p90']:.0f} | {r['peak_rss_mb_by_minute'][m]:.0f} |")
+                lo, hi = r["rss_mb_range_by_minute"][m]
+                print(f"| {m + 1} | {st['p50']:.0f} | {st['p90']:.0f} | {r['rss_mb_by_minute'][m]:.0f} | {lo:.0f} / {hi:.0f} | "
+                      f"{r['peak_rss_mb_by_minute'][m]:.0f} |")
         (args.out_dir / "monologue.json").write_text(json.dumps(out, indent=1))
         return 0
+    systems = bench_asr.parse_systems(args.systems)
     results = []
-    with tqdm(total=len(names) * len(rows) * 5, desc="bench asr", file=sys.stderr, leave=False) as bar:
+    with tqdm(total=len(names) * len(rows) * len(systems), desc="bench asr", file=sys.stderr, leave=False) as bar:
         for name in names:
             bundle = resolver.whisper(name, cfg.models.asr_precision)
             ct2 = models.ct2_folder(name, resolver.cache)
-            results.append(bench_asr.bench_model(name, bundle, ct2, rows, cfg.asr, cfg.vad, targets, distractors, bar.update))
+            results.append(bench_asr.bench_model(name, bundle, ct2, rows, cfg.asr, cfg.vad, targets, distractors, bar.update,
+                                                   systems))
     report = bench_asr.markdown(results)
     bench_asr.plot(results, args.out_dir / "asr_latency.png")
     (args.out_dir / "asr.json").write_text(json.dumps(bench_asr.strip_private(results), indent=1))
