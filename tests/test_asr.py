@@ -127,6 +127,43 @@ def test_bad_audio_never_crashes(tiny, name, signal):
         assert finals
 
 
+def test_another_language_with_the_english_model_gives_text_not_a_crash(tiny):
+    """Spanish (8 kHz telephone prompts) into tiny.en, which knows only English: whatever it
+    makes of it comes out as finals, bounded in length, without a hang."""
+    import time
+
+    from fixtures import ASTERISK, fixture
+
+    speech = read_audio(fixture(ASTERISK.parent / "es_MX_f_Allison" / "demo-thanks.wav"))
+    audio = np.concatenate([np.zeros(RATE // 2, np.float32), speech, np.zeros(RATE, np.float32)])
+    t = time.perf_counter()
+    out, _ = stream(StreamingRecognizer(tiny, ASRConfig()), audio)
+    assert time.perf_counter() - t < 60
+    finals = [f for f in out if isinstance(f, FinalText)]
+    assert finals and all(f.language == "en" for f in finals)
+    text = " ".join(f.text for f in finals)
+    assert 0 < len(words(text)) <= 5 * len(speech) / RATE, text
+
+
+def test_broken_samples_and_blips_without_vad(tiny):
+    """NaN and infinite samples are heard as silence; an utterance shorter than
+    min_utterance_ms (a blip forced through without VAD) gives no final; an empty push is fine."""
+    rec = StreamingRecognizer(tiny, ASRConfig())
+    rs = rec.init_state()
+    rec.start(rs, 0.0)
+    assert rec.push(rs, np.zeros(0, np.float32), 0.0) == []
+    rec.push(rs, np.full(320, np.nan, np.float32), 0.0)
+    assert rec.end(rs, 0.02) == [], "20 ms is below min_utterance_ms"
+    speech = read_audio(asterisk("demo-thanks"))
+    speech[5000:5320] = np.inf
+    speech[9000:9320] = np.nan
+    rec.start(rs, 1.0)
+    for i in range(0, len(speech), 320):
+        rec.push(rs, speech[i : i + 320], 1.0 + i / RATE)
+    final = rec.end(rs, 1.0 + len(speech) / RATE)
+    assert "thank you for trying" in final[0].text.lower()
+
+
 def test_forced_start_and_end_without_vad(tiny):
     rec = StreamingRecognizer(tiny, ASRConfig())
     rs = rec.init_state()
@@ -179,6 +216,118 @@ def test_hotwords_change_at_run_time(tiny):
     implausible = torch.zeros(tiny.dims.n_vocab)
     boost.apply(implausible, [])
     assert implausible[first[0]] == 0.0, "no boost where the model itself sees no chance (gate)"
+
+
+def _lp(n_vocab, **by_token):
+    """Logits whose log-softmax puts ``by_token`` {id: log-probability} (the rest share ~1e-6)."""
+    import torch
+
+    logits = torch.full((n_vocab,), -30.0)
+    for t, lp in by_token.items():
+        logits[int(t)] = lp
+    return logits
+
+
+def test_a_boost_is_withdrawn_when_its_match_fails_or_costs_too_much(tiny):
+    import torch
+
+    tok = tiny.tokenizer
+    dash, wood = tok.encode(" Dashwood")
+    other, period = tok.encode(" day")[0], tok.encode(".")[0]
+    boost = HotwordBoost(tok, ["Dashwood"], boost=5.0, start_boost=2.0, gate=-8.0, budget=4.0)
+    n = tiny.dims.n_vocab
+
+    def step(sess, text, logits):
+        row = logits.clone()
+        sess.apply(row, text)
+        chosen = int(torch.argmax(row))
+        return chosen, sess.after(len(text), chosen, text)
+
+    # the start boost tips " Dash" over the model's " day"; the model then will not write "wood"
+    # (below the gate): the match fails and the boost is withdrawn at position 0
+    sess = boost.session(0)
+    chosen, back = step(sess, [], _lp(n, **{str(other): -0.2, str(dash): -1.5}))
+    assert chosen == dash and back is None
+    chosen, back = step(sess, [dash], _lp(n, **{str(period): -0.1, str(wood): -12.0}))
+    assert back == 0, "a failed partial match rolls back to where it began"
+    chosen, back = step(sess, [], _lp(n, **{str(other): -0.2, str(dash): -1.5}))
+    assert chosen == other and back is None, "no boost where one was withdrawn"
+
+    # completing it would cost 1.3 + 4.5 > budget: withdrawn too
+    sess = boost.session(0)
+    step(sess, [], _lp(n, **{str(other): -0.2, str(dash): -1.5}))
+    chosen, back = step(sess, [dash], _lp(n, **{str(period): -0.1, str(wood): -4.6}))
+    assert chosen == wood and back == 0 and sess.outcomes[-1][2] is False
+    # a close call is kept: 1.3 + 0.5
+    sess = boost.session(0)
+    step(sess, [], _lp(n, **{str(other): -0.2, str(dash): -1.5}))
+    chosen, back = step(sess, [dash], _lp(n, **{str(period): -0.1, str(wood): -0.6}))
+    assert chosen == wood and back is None and sess.outcomes[-1][2] is True
+    # the model's own choice is never withdrawn
+    sess = boost.session(1)
+    step(sess, [other], _lp(n, **{str(dash): -0.1}))
+    assert step(sess, [other, dash], _lp(n, **{str(period): -0.1}))[1] is None
+
+    # no boost against the model's own longer spelling of the same word
+    conf = HotwordBoost(tok, ["conference"])
+    row = _lp(n, **{str(tok.encode(" conferences")[0]): -0.3, str(tok.encode(" conference")[0]): -1.5})
+    before = row.clone()
+    conf.session(0).apply(row, [])
+    assert torch.equal(row, before)
+
+
+def test_withdrawal_in_a_real_decode_leaves_the_plain_transcript(tiny):
+    """Hotwords that are not spoken, with boosts strong enough to start them anywhere plausible:
+    every begun match that the audio does not complete is withdrawn, the transcript stays."""
+    from streaming.asr.decoder import decode, rules_filter
+    from streaming.models.whisper import log_mel
+
+    tok = tiny.tokenizer
+    audio = read_audio(librivox("0870"))
+    feats = tiny.model.encode(log_mel(audio, tiny.dims.n_mels, pad_to=10 * RATE))
+    sot = tok.prompt(None)
+    plain = decode(tiny.model, tok, feats, sot, [], [rules_filter(tok, tiny.rules)], 60)
+    boost = HotwordBoost(tok, ["Dashwoodian", "Mistral", "Johnsonville", "Hadrian"], boost=8.0, start_boost=4.0)
+    biased = decode(tiny.model, tok, feats, sot, [], [rules_filter(tok, tiny.rules), boost], 60)
+    assert biased.text == plain.text
+
+
+def test_hotword_prompt_is_capped():
+    from streaming.asr.hotwords import prompt_text
+
+    class Tok:
+        def encode(self, s):
+            return s.split()
+
+    assert prompt_text(["Asterisk", "PBX", "Digium"]) == " Asterisk PBX Digium"
+    assert prompt_text(["Asterisk", "PBX", "Digium"], Tok(), 2) == " Asterisk PBX"
+    assert prompt_text([], Tok()) == ""
+
+
+def test_loop_guard_keeps_phrases_said_again():
+    from streaming.asr.decoder import _looping
+
+    menu = [1, 2, 3, 4, 5, 6, 7, 8]  # " all non-administrator users": said twice in an IVR menu
+    assert _looping([20, 21] + menu + [30, 31, 32] + menu) == 0
+    assert _looping([20, 21] + menu + menu) == 8, "said twice in a row: a loop"
+    assert _looping(menu + [30, 31] + menu[:6]) == 6, "the transcript starting over"
+    assert _looping([9] + [40, 41, 42] * 3) == 6
+
+
+def test_bench_counts_compounds_and_parenthesised_words():
+    from agent.bench_asr import count_phrase, hotword_scores, normalize, strip_phrases
+
+    assert normalize("printed (at Maintz by Peter Schoeffer)") == "printed at maintz by peter schoeffer"
+    assert count_phrase("your touch tone keypad", "touchtone") == 1
+    assert count_phrase("an inter asterisk exchange", normalize("Inter-Asterisk")) == 1
+    assert count_phrase("asterisks", "asterisk") == 0
+    assert strip_phrases("use your touch tone keypad now", ["touchtone", "keypad"]) == "use your now"
+    refs = ["press the touch tone keypad", "no empty conferences", "welcome"]
+    hyps = ["press the touchtone keypad", "no empty conference is", "welcome zanzibar"]
+    s = hotword_scores(refs, hyps, ["touchtone", "keypad", "conference"], ["Zanzibar"])
+    assert s["hotword_recall"] == 1.0
+    assert s["leakage_rate"] == pytest.approx(2 / 3) and s["distractor_leakage_rate"] == pytest.approx(1 / 3)
+    assert s["leakage_rate_v1"] == 1.0, "v1 also counted touchtone against touch tone"
 
 
 def test_transcribe_cli_streaming_and_offline(duplex_bin, tmp_path):

@@ -111,7 +111,7 @@ def word_timings(
     cache = model.decoder.cross_cache(features)
     collected: list[torch.Tensor] = []
     seq = prompt + text + [tok.eot]
-    model.decoder(torch.tensor([seq]), cache, collect=collected)
+    model.decoder(torch.tensor([seq]), cache, collect=collected, last=0)  # attention only: no logits
     first = len(prompt)
     w = torch.stack([collected[layer][0, head, first : first + len(text) + 1, :n_frames] for layer, head in heads])
     w = w.float().numpy()

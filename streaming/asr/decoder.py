@@ -82,16 +82,31 @@ def decode(
     max_tokens: int,
     keep_logits: bool = False,
 ) -> Decoded:
-    """Greedy continuation of ``prompt + forced`` over ``features`` [1, frames, d]."""
+    """Greedy continuation of ``prompt + forced`` over ``features`` [1, frames, d].
+
+    A filter with a ``session(start)`` method (``HotwordBoost``) is replaced by the session for
+    this decode, which may ask, after a token is chosen, to roll the text back to an earlier
+    position and decide again (a boost withdrawn); the decoder keeps the raw logits of the last
+    few positions for that and truncates its self-attention cache."""
     if features.dim() == 2:
         features = features.unsqueeze(0)
     cache: DecoderCache = model.decoder.cross_cache(features)
-    logits = model.decoder(torch.tensor([prompt + forced]), cache)[0, -1]
+    logits = model.decoder(torch.tensor([prompt + forced]), cache, last=1)[0, -1]
+    filters = [f.session(len(forced)) if hasattr(f, "session") else f for f in filters]
+    sessions = [f for f in filters if hasattr(f, "after")]
+    keep = max([getattr(f.b, "max_len", 0) for f in sessions] + [0]) + 2
+    raw: dict[int, torch.Tensor] = {}  # position -> logits that decided it (for roll-backs)
     text = list(forced)
     out: list[int] = []
     logprobs: list[float] = []
     kept: list[torch.Tensor] = []
-    for _ in range(max_tokens):
+    steps = 0
+    while len(out) < max_tokens and steps < 2 * max_tokens + 8:
+        steps += 1
+        pos = len(text)
+        if sessions:
+            raw[pos] = logits
+            raw.pop(pos - keep, None)
         row = logits.float().clone()
         if keep_logits:
             kept.append(row.clone())
@@ -99,6 +114,22 @@ def decode(
             f.apply(row, text)
         lp = torch.log_softmax(row, dim=-1)
         nxt = int(torch.argmax(lp))
+        back = None
+        for sess in sessions:
+            b = sess.after(pos, nxt, text)
+            if b is not None:
+                back = b if back is None else min(back, b)
+        if back is not None and back in raw and back >= len(forced):
+            # withdraw: forget the tokens from ``back`` on and decide that position again
+            drop = pos - back
+            text, out, logprobs = text[:back], out[: len(out) - drop], logprobs[: len(logprobs) - drop]
+            cache.truncate(len(prompt) + back)
+            logits = raw[back]
+            for p in [p for p in raw if p > back]:
+                del raw[p]
+            if keep_logits:
+                kept = kept[: len(kept) - drop - 1]
+            continue
         if nxt == tok.eot:
             return Decoded(out, logprobs, prompt, logits=kept, text=tok.decode(out).strip())
         out.append(nxt)
@@ -116,9 +147,11 @@ def decode(
 
 def _looping(tokens: list[int], max_n: int = 8, times: int = 3, restart: int = 6) -> int:
     """Whisper's hallucination loops, common on audio cut mid-word: the same short n-gram
-    (n <= 8) three times in a row, or the last ``restart`` tokens already seen earlier in the
-    same text (the model starting the transcript over). Returns how many trailing tokens are the
-    repeat (0: no loop)."""
+    (n <= 8) three times in a row, or the model starting over: the last ``restart`` tokens or more
+    copy the text's beginning or the run just before them ("whatever they were whatever they
+    were"), or copy any earlier run of at least ``2 * restart`` tokens. (A shorter run from
+    further back may simply be said again: an IVR menu repeats "all non-administrator users".)
+    Returns how many trailing tokens are the repeat (0: no loop)."""
     for n in range(1, max_n + 1):
         if len(tokens) < n * times:
             break
@@ -133,7 +166,8 @@ def _looping(tokens: list[int], max_n: int = 8, times: int = 3, restart: int = 6
                 k, j = len(tokens) - restart, i
                 while k > i + restart and j > 0 and tokens[k - 1] == tokens[j - 1]:
                     k, j = k - 1, j - 1
-                return len(tokens) - k
+                if j == 0 or k == i + restart or len(tokens) - k >= 2 * restart:
+                    return len(tokens) - k
     return 0
 
 
