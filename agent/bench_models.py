@@ -44,6 +44,8 @@ WHISPERS = ("whisper:tiny.en", "whisper:base")
 LLM = "llm:smollm2-135m"
 TTS = "tts:piper-joe"
 PRECISIONS = ("fp32", "int8")
+#: the LLM also runs with int8 weights and bf16 activations (the shipped default)
+LLM_PRECISIONS = ("fp32", "w8", "int8")
 ENCODE_SECONDS = (1, 5, 30)
 WINDOW = 30 * SAMPLE_RATE  # Whisper's 30 s window, what the WER decoding pads to
 PREFILL_TOKENS = 200
@@ -226,7 +228,7 @@ def _generate(llm, ids: list[int], new_tokens: int) -> tuple[float, float, int]:
 
 
 def bench_llm(resolver: ModelResolver, p: Plan) -> dict:
-    llms = {q: resolver.llm(LLM, q) for q in PRECISIONS}
+    llms = {q: resolver.llm(LLM, q) for q in LLM_PRECISIONS}
     ids = _long_prompt(llms["fp32"])  # one tokenizer: quantisation leaves it alone
     runs = _interleaved({q: partial(_generate, llm, ids, DECODE_TOKENS) for q, llm in llms.items()}, p.repeat)
     out = {}
@@ -471,13 +473,15 @@ def compare(r: dict) -> dict:
                 "wer_fp32": fp["wer"], "wer_int8": q["wer"], "quality_holds": q["wer"] <= fp["wer"] + WER_TOLERANCE,
             }
         out[name] = row
-    fp, q = r["llm"]["fp32"], r["llm"]["int8"]
-    same = sum(a == b for a, b in zip(fp["replies"], q["replies"])) / len(fp["replies"])
-    out[LLM] = {
-        "prefill_speedup": _speedup(fp["prefill_seconds"], q["prefill_seconds"]),
-        "decode_speedup": _speedup(fp["decode_ms_per_token"], q["decode_ms_per_token"]),
-        "identical_replies": same, "quality_holds": same >= AGREEMENT_NEEDED,
-    }
+    fp = r["llm"]["fp32"]
+    for prec in (q for q in LLM_PRECISIONS if q != "fp32" and q in r["llm"]):
+        q = r["llm"][prec]
+        same = sum(a == b for a, b in zip(fp["replies"], q["replies"])) / len(fp["replies"])
+        out[LLM if prec == "int8" else f"{LLM} {prec}"] = {
+            "prefill_speedup": _speedup(fp["prefill_seconds"], q["prefill_seconds"]),
+            "decode_speedup": _speedup(fp["decode_ms_per_token"], q["decode_ms_per_token"]),
+            "identical_replies": same, "quality_holds": same >= AGREEMENT_NEEDED,
+        }
     return out
 
 
@@ -521,10 +525,11 @@ def _llm_rows(r: dict) -> list[str]:
         "| precision | prefill tok/s | decode tok/s | new tokens | identical replies to fp32 |",
         "|---|---|---|---|---|",
     ]
-    for q in PRECISIONS:
+    for q in (q for q in LLM_PRECISIONS if q in r["llm"]):
         x = r["llm"][q]
         prefill_ms = {k: 1000 * x["prefill_seconds"][k] / x["prompt_tokens"] for k in ("median", "p90")}
-        same = "-" if q == "fp32" else f"{c['identical_replies']:.0%} of {len(x['replies'])}"
+        cq = r["int8_vs_fp32"].get(LLM if q == "int8" else f"{LLM} {q}", c)
+        same = "-" if q == "fp32" else f"{cq['identical_replies']:.0%} of {len(x['replies'])}"
         rows.append(f"| {q} | {_tok_s(prefill_ms)} | {_tok_s(x['decode_ms_per_token'])} | {min(x['new_tokens'])} | {same} |")
     return rows
 

@@ -62,8 +62,8 @@ class ModelsConfig:
     asr_precision: Literal["fp32", "int8"] = "int8"
     #: coordinator LLM: llm:smollm2-135m, or a hub id of an instruct model
     llm: str = "llm:smollm2-135m"
-    #: numeric precision of the LLM on the CPU: fp32 or int8
-    llm_precision: Literal["fp32", "int8"] = "fp32"
+    #: numeric precision of the LLM on the CPU: w8 (int8 weights, bf16 activations), fp32 or int8 (dynamic)
+    llm_precision: Literal["fp32", "w8", "int8"] = "w8"
     #: text-to-speech voice
     tts: str = "tts:piper-joe"
     #: folder for converted weights; "" = $DUPLEX_CACHE_DIR or ~/.cache/duplex/models

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from streaming.errors import DuplexError
+from streaming.models.quantize import quantize_weight_int8, weight_int8_available
 
 log = logging.getLogger(__name__)
 
@@ -146,10 +147,15 @@ def load_folder(folder: Path, source: str, precision: str = "fp32") -> ChatLLM:
     model.eval()
     if tok.chat_template is None:
         raise DuplexError(f"the LLM in {folder} has no chat template; the coordinator needs an instruct model")
+    if precision == "w8" and not weight_int8_available():
+        log.warning("this torch has no int8-weight CPU kernel (aten._weight_int8pack_mm): the LLM runs int8 dynamic")
+        precision = "int8"
     if precision == "int8":
         from streaming.models.quantize import quantize_int8
 
         model = quantize_int8(model)
+    elif precision == "w8":
+        model = quantize_weight_int8(model)
     elif precision != "fp32":
-        raise DuplexError(f"unknown LLM precision {precision!r} (fp32 or int8)")
+        raise DuplexError(f"unknown LLM precision {precision!r} (fp32, w8 or int8)")
     return ChatLLM(model, tok, source, precision)

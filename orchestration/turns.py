@@ -105,6 +105,13 @@ class TurnConfig:
     speculate_eot: Annotated[float, Field(gt=0, le=1)] = 0.2
     #: silence (ms) before a speculative reply may start
     speculate_gap_ms: Annotated[float, Field(ge=0, le=10000)] = 0.0
+    #: eot at or above which a speculative reply starts while the user's voice is still on (the
+    #: partial transcript already reads as a finished turn); 1 = never before the voice stops
+    speculate_speech_eot: Annotated[float, Field(gt=0, le=1)] = 0.3
+    #: eot at or above which the turn is taken after only confident_gap_ms of silence
+    confident_eot: Annotated[float, Field(gt=0, le=1)] = 0.5
+    #: silence (ms) after which a confident turn end (eot >= confident_eot) is answered
+    confident_gap_ms: Annotated[float, Field(ge=0, le=10000)] = 100.0
     # -- SPEAK: barge-in
     #: pause the agent's audio as soon as a user voice onset is heard while it speaks (fast barge-in)
     pause_on_onset: bool = True
@@ -138,6 +145,8 @@ class TurnConfig:
             raise ValueError("need respond_gap_ms <= long_gap_ms <= max_wait_ms")
         if self.unfinished_eot > self.respond_eot:
             raise ValueError("unfinished_eot must not exceed respond_eot")
+        if self.confident_eot < self.respond_eot or self.confident_gap_ms > self.respond_gap_ms:
+            raise ValueError("need confident_eot >= respond_eot and confident_gap_ms <= respond_gap_ms")
         for name in ("backchannels", "stop_phrases"):
             if any(not normalize_words(p) for p in getattr(self, name)):
                 raise ValueError(f"{name} entries must contain at least one word")
@@ -701,7 +710,16 @@ def _decide_listen(s: TurnState, acts: list[Action]) -> TurnState:
         why = "the user continued" if words else "the transcript is empty"
         acts.append(DropReply(f"speculative reply dropped: {why}"))
         s = replace(s, reply=ReplyState.NONE, reply_for=(), reply_ready=False)
-    if not words or _voice_active(s):
+    if not words:
+        return s
+    if _voice_active(s):
+        if (s.reply is ReplyState.NONE and s.eot is not None and s.eot >= c.speculate_speech_eot
+                and not (s.overlapped and _no_content(words, c))):
+            # the words so far read as a finished turn: start writing the answer while the voice
+            # fades (dropped, as any speculation, if the words change)
+            acts.append(StartReply(speculative=True, reason=f"likely turn end: eot {s.eot:.2f} while the user speaks",
+                                   text=s.turn_text))
+            s = replace(s, reply=ReplyState.SPECULATIVE, reply_for=words, reply_ready=False)
         return s
     if s.overlapped and _no_content(words, c):
         # "okay" said over the agent's last words acknowledges that turn, and "stop" asked for
@@ -712,7 +730,8 @@ def _decide_listen(s: TurnState, acts: list[Action]) -> TurnState:
         return s
     gap = _silence_ms(s)
     eot = s.eot
-    if eot is not None and eot >= c.respond_eot and gap >= c.respond_gap_ms:
+    if eot is not None and ((eot >= c.respond_eot and gap >= c.respond_gap_ms)
+                            or (eot >= c.confident_eot and gap >= c.confident_gap_ms)):
         return _take_turn(s, f"turn end: eot {eot:.2f} after {gap:.0f} ms of silence", acts)
     if gap >= c.long_gap_ms and (eot is None or eot >= c.unfinished_eot):
         return _take_turn(s, f"turn end: {gap:.0f} ms of silence (eot {_fmt_eot(eot)})", acts)

@@ -347,3 +347,29 @@ def test_compaction_can_summarise_what_it_drops(llm):
     assert "Earlier in this conversation: " + d.summary in d.text.split("<|im_end|>")[0]
     assert "Anna" not in d.text.split("<|im_end|>", 1)[1]  # the turns themselves are gone
     assert_cache_is_fresh(d)
+
+
+def test_int8_weights_keep_the_end_of_turn_readings_of_fp32_and_decode_faster(llm):
+    """The shipped precision (w8: int8 weights, bf16 activations) reads the same turn ends as fp32:
+    every complete sentence and fragment falls on the same side of the shipped thresholds (its
+    speed is measured by bench models)."""
+    import copy
+
+    from orchestration.llm import ChatLLM
+    from orchestration.turns import TurnConfig
+    from streaming.models.quantize import WeightInt8Linear, quantize_weight_int8, weight_int8_available
+
+    if not weight_int8_available():
+        pytest.skip("this torch has no _weight_int8pack_mm CPU kernel")
+    w8 = ChatLLM(quantize_weight_int8(copy.deepcopy(llm.model)), llm.tokenizer, llm.source, "w8")
+    assert sum(isinstance(m, WeightInt8Linear) for m in w8.model.modules()) == 30 * 7 + 1
+    cfg = TurnConfig()
+    readings = {}
+    for name, model in (("fp32", llm), ("w8", w8)):
+        d = DialogueLLM(model, auto_compact=False)
+        readings[name] = [d.eot_scores(t).p_sentence_end for t in COMPLETE + FRAGMENTS]
+        d.close()
+    for text, p32, p8 in zip(COMPLETE + FRAGMENTS, readings["fp32"], readings["w8"]):
+        for th in (cfg.unfinished_eot, cfg.respond_eot, cfg.speculate_eot, cfg.confident_eot):
+            assert (p32 >= th) == (p8 >= th) or abs(p32 - p8) < 0.02, (text, th, p32, p8)
+

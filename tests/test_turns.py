@@ -79,7 +79,8 @@ def utterance(onset: float, end: float, partials=(), final: str | None = None, h
 
 # the eot values in these tables are written against these thresholds; the shipped defaults are
 # calibrated to the dialogue model's sentence-end reading and may move without changing the policy
-TABLE_THRESHOLDS = dict(respond_eot=0.5, unfinished_eot=0.15, speculate_eot=0.8, speculate_gap_ms=100.0, long_gap_ms=800.0)
+TABLE_THRESHOLDS = dict(respond_eot=0.5, unfinished_eot=0.15, speculate_eot=0.8, speculate_gap_ms=100.0, long_gap_ms=800.0,
+                        speculate_speech_eot=1.0, confident_eot=1.0, confident_gap_ms=0.0)
 
 
 def play(events, **cfg):
@@ -136,6 +137,30 @@ LISTEN_CASES = [
         mode=Mode.SPEAK,
         # voice ended at the first silent hop (1.2 + 32 ms); committed 200 ms later, long before VAD ends
         check=lambda acts: first(acts, StartReply)[1].speculative and first(acts, CommitReply)[0] == pytest.approx(1.44, abs=0.021),
+    ),
+    dict(
+        id="speculative while the voice is still on, committed at the confident gap",
+        # the partial already reads as a finished question while the last word fades out
+        events=utterance(0.0, 1.2, [(0.55, "", "What time"), (1.0, "What time", "is it")], "What time is it?", hops=True)
+        + [EotProbability(1.05, 0.9)] + ticks(1.0, 3.0, 0.02),
+        cfg=dict(speculate_speech_eot=0.5, confident_eot=0.85, confident_gap_ms=100.0),
+        expect=["StartReply", "CommitReply"],
+        mode=Mode.SPEAK,
+        # started before the voice ended (1.2 + 32 ms); committed 100 ms after it, not 200
+        check=lambda acts: first(acts, StartReply)[0] == 1.05 and first(acts, StartReply)[1].speculative
+        and first(acts, CommitReply)[0] == pytest.approx(1.34, abs=0.021),
+    ),
+    dict(
+        id="a moderate eot is not confident: the ordinary gap applies",
+        events=utterance(0.0, 1.2, [(0.55, "", "What time"), (1.0, "What time", "is it")], "What time is it?", hops=True)
+        + [EotProbability(1.05, 0.6)] + ticks(1.0, 3.0, 0.02),
+        cfg=dict(respond_eot=0.5, speculate_speech_eot=0.7, confident_eot=0.85, confident_gap_ms=100.0),
+        expect=["StartReply"],
+        mode=Mode.SPEAK,
+        # below speculate_speech_eot (and speculate_eot): nothing while voiced; taken after
+        # respond_gap_ms (200), not confident_gap_ms
+        check=lambda acts: not first(acts, StartReply)[1].speculative
+        and first(acts, StartReply)[0] == pytest.approx(1.42, abs=0.021),
     ),
     dict(
         id="wait: mid-turn pause with low eot, then respond to the whole turn",
