@@ -25,7 +25,7 @@ import numpy as np
 from orchestration.coordinator import Coordinator
 from orchestration.dialogue import DialogueLLM
 from orchestration.playback import Playback, PlaybackEvent
-from orchestration.scenario import Scenario, load_scenario
+from orchestration.scenario import Scenario, clip_start, load_scenario
 from streaming.aec import AECStage, EchoReference
 from streaming.asr.recognizer import StreamingRecognizer
 from streaming.asr.stage import ASRStage
@@ -136,7 +136,6 @@ class SimulatedUser(Source):
         k = 0
         nxt = 0  # next clip to schedule
         playing: tuple[int, int] | None = None  # (clip, sample position)
-        waited_since = 0.0
         prev_end = 0.0
         done_at: float | None = None
         while True:
@@ -149,15 +148,14 @@ class SimulatedUser(Source):
             # schedule the next clip
             if playing is None and nxt < len(self.clips):
                 c = self.scenario.clips[nxt]
-                start = self._start_time(c, prev_end, waited_since)
+                turns = self.agent_turns()
+                start = clip_start(c, prev_end, turns, now=t)
                 if start is not None and t >= start:
+                    if clip_start(c, prev_end, turns) is None:
+                        log.warning("clip %d: %s never came; playing it anyway", nxt, c.after)
                     playing = (nxt, 0)
                     self.runs[nxt].start = t
                     self.runs[nxt].agent_active_at_start = self._active
-                elif start is None and t - waited_since > c.timeout:
-                    log.warning("clip %d: %s never came; playing it anyway", nxt, c.after)
-                    playing = (nxt, 0)
-                    self.runs[nxt].start = t
             user = np.zeros(BLOCK, np.float32)
             if playing is not None:
                 i, pos = playing
@@ -169,7 +167,6 @@ class SimulatedUser(Source):
                     prev_end = self.runs[i].end
                     playing = None
                     nxt = i + 1
-                    waited_since = t
                 else:
                     playing = (i, pos)
             mic = user.copy()
@@ -202,20 +199,9 @@ class SimulatedUser(Source):
                 self._active = False
                 self.agent_ends.append(self._silent_since)
 
-    def _start_time(self, c, prev_end: float, waited_since: float) -> float | None:
-        if c.at is not None:
-            return c.at
-        if c.after == "previous_end":
-            return prev_end + c.offset
-        if c.after == "agent_start":
-            s = [x for x in self.agent_starts if x >= waited_since]
-            return s[0] + c.offset if s else None
-        if c.after == "agent_end":
-            if self._active:
-                return None
-            e = [x for x in self.agent_ends if x >= waited_since]
-            return e[-1] + c.offset if e else None
-        return prev_end + c.offset
+    def agent_turns(self) -> list[tuple[float, float | None]]:
+        """The agent's stretches of audio so far as (start, end), end None while it is speaking."""
+        return [(s, self.agent_ends[i] if i < len(self.agent_ends) else None) for i, s in enumerate(self.agent_starts)]
 
     def stereo(self) -> np.ndarray:
         return np.stack([np.concatenate(self.user_track), np.concatenate(self.agent_track)], axis=1)
@@ -290,7 +276,8 @@ def judge(user: SimulatedUser, events: list[dict]) -> list[dict]:
             # the agent's turn was on (its audio had started and not ended or been stopped), even
             # if its audio paused between two clauses that were still being written
             playing = r.agent_active_at_start or _agent_turn_on(events, r.start)
-            stop = next((s for s in stops if r.start - 0.05 <= s["t"] <= r.end + 3.0), None)
+            # a stop belongs to this clip if it came before the next clip began (that one's own)
+            stop = next((s for s in stops if r.start - 0.05 <= s["t"] <= min(r.end + 3.0, nxt)), None)
             o["agent_was_speaking"] = bool(playing)
             if not playing:
                 # nothing to stop or to keep going: an earlier turn went otherwise than scripted

@@ -108,3 +108,36 @@ def test_converse_rejects_a_bad_scenario(duplex_bin, tmp_path):
     bad.write_text('{"version": 2, "events": []}')
     r = duplex(duplex_bin, "converse", "--script", bad)
     assert_one_line_error(r, "bad.json")
+
+
+def test_a_stop_belongs_to_the_clip_that_caused_it():
+    """An 'uh-huh' then 'hold on, stop' over one agent turn: the stop that came after the second
+    clip began is the second clip's (a met stop), not a false stop of the backchannel."""
+    from agent.conversation import ClipRun, judge
+
+    class User:  # what judge reads of a SimulatedUser
+        runs = [ClipRun(0, "respond", "q", 0.5, 3.4), ClipRun(1, "continue", "uh-huh", 4.8, 5.5, True),
+                ClipRun(2, "stop", "hold on, stop", 7.3, 9.7, True)]
+        agent_track = [np.ones(int(3.8 * 16000), np.float32) * 0, np.ones(int(4.5 * 16000), np.float32)]
+
+    events = [{"t": 3.8, "kind": "agent_audio_start", "reply": 1},
+              {"t": 7.45, "kind": "decision", "action": "PauseSpeaking"},
+              {"t": 8.2, "kind": "agent_stopped", "reply": 1}]
+    out = judge(User(), events)
+    assert [o["ok"] for o in out] == [True, True, True], out
+    assert out[1]["false_stop"] is False and out[2]["missed"] is False
+    assert out[2]["stop_ms"] == pytest.approx(920, abs=1)  # the last sample heard up to the stop (8.2 s) + 20 ms
+
+
+def test_a_clip_after_agent_start_is_anchored_to_the_turn_in_progress():
+    """The second clip of a turn ('after': 'agent_start', offset 3.5) starts 3.5 s into the agent
+    turn that was playing when the first clip ended, not at the next agent turn."""
+    from agent.conversation import SimulatedUser
+    from orchestration.scenario import clip_start
+
+    u = SimulatedUser.__new__(SimulatedUser)
+    u.agent_starts, u.agent_ends = [3.8], []
+    clip = type("C", (), {"at": None, "after": "agent_start", "offset": 3.5, "timeout": 15.0})()
+    assert clip_start(clip, 5.5, u.agent_turns(), now=6.0) == pytest.approx(7.3)
+    u.agent_ends = [18.0]
+    assert u.agent_turns() == [(3.8, 18.0)]
