@@ -150,8 +150,8 @@ class Coordinator(Stage):
             self._emit("user_speech_end", now, end=frame.pts)
             self._step(T.UserSpeechEnded(now, end=frame.pts))
         elif isinstance(frame, VoiceActivity):
-            self._emit("voice", now, speech=frame.speech, at=frame.pts)
-            self._step(T.VoiceActivity(now, frame.speech))
+            self._emit("voice", now, speech=frame.speech, at=frame.pts, **({"early": True} if frame.early else {}))
+            self._step(T.VoiceActivity(now, frame.speech, early=frame.early))
 
     async def process(self, frame: Frame) -> None:
         self._ensure_ticker()

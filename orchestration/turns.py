@@ -116,7 +116,7 @@ class TurnConfig:
     #: pause the agent's audio as soon as a user voice onset is heard while it speaks (fast barge-in)
     pause_on_onset: bool = True
     #: VoiceActivity only: voiced hops spanning this long (ms) make an onset (shorter runs are clicks)
-    onset_ms: Annotated[float, Field(ge=0, le=2000)] = 60.0
+    onset_ms: Annotated[float, Field(ge=0, le=2000)] = 30.0
     #: user voice lasting this long (ms) while the agent speaks, without words that are all backchannel,
     #: stops the agent; without VoiceActivity it includes VAD's end hangover (vad.min_silence_ms)
     interrupt_speech_ms: Annotated[float, Field(gt=0, le=10000)] = 1000.0
@@ -225,6 +225,9 @@ class VoiceActivity:
 
     t: float
     speech: bool
+    #: an onset only WebRTC heard so far (an unvoiced consonant, or a noise): it may pause the
+    #: agent's voice, but while listening it does not count as the user's voice until confirmed
+    early: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -526,6 +529,8 @@ def _on_speech_ended(s: TurnState, ev: UserSpeechEnded, acts: list[Action]) -> T
 
 
 def _on_voice(s: TurnState, ev: VoiceActivity, acts: list[Action]) -> TurnState:
+    if ev.speech and ev.early and s.mode is Mode.LISTEN:
+        return s  # a silence in the user's turn is not broken by a breath or a click
     if ev.speech:
         run_start = s.hop_run if s.hop_voice and s.hop_run is not None else s.now
         s = replace(s, hop_voice=True, hop_run=run_start)

@@ -146,6 +146,9 @@ class VoiceActivity(DataFrame):
     changes are sent; VAD's segment decisions (SpeechStarted/Ended) lag these by its hangovers."""
 
     speech: bool = False
+    #: a voice onset from WebRTC alone, before Silero agreed (``vad.activity_webrtc_ms``); when
+    #: Silero agrees a second ``speech`` frame follows with ``early`` False
+    early: bool = False
 
 
 @dataclass(frozen=True, slots=True)

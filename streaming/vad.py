@@ -61,6 +61,12 @@ class VADConfig:
     #: also send VoiceActivity frames when the raw per-hop decision changes (the coordinator
     #: measures silence and barge-in onsets from them, without the segment hangovers)
     activity_events: bool = False
+    #: activity events only: a run of WebRTC-voiced audio this long (ms) turns the voice on before
+    #: Silero agrees (Silero hears the unvoiced start of "stop" or "so" about 100 ms late); 0 = off
+    activity_webrtc_ms: Annotated[float, Field(ge=0, le=1000)] = 30.0
+    #: a voice turned on by WebRTC alone stays on this long (ms) while WebRTC still hears it,
+    #: waiting for Silero to agree; then Silero's hysteresis decides again
+    activity_confirm_ms: Annotated[float, Field(ge=0, le=2000)] = 160.0
 
     def __post_init__(self) -> None:
         if self.neg_threshold > self.threshold:
@@ -144,6 +150,8 @@ class VADState:
     silero_hops: int = 0  # hops Silero actually ran on (the cost the gate saves)
     last_prob: float = 0.0
     voiced: bool = False  # the last raw decision sent as VoiceActivity
+    web_run_ms: float = 0.0  # WebRTC-voiced audio in the current run of voiced hops
+    web_onset: float | None = None  # when WebRTC alone turned the voice on (not yet confirmed)
 
 
 class TwoStageVAD:
@@ -241,10 +249,37 @@ class TwoStageVAD:
         s.preroll.append(window)
         if c.activity_events:
             voiced = is_speech or (s.voiced and not is_silence)  # the same hysteresis
+            early = s.web_onset is not None
+            if c.activity_webrtc_ms > 0:
+                voiced = self._webrtc_onset(s, t_end, voiced_fraction, is_speech, voiced)
             if voiced != s.voiced:
                 s.voiced = voiced
-                events.append(VoiceActivity(pts=t_end, speech=voiced))
+                events.append(VoiceActivity(pts=t_end, speech=voiced, early=voiced and s.web_onset is not None))
+            elif voiced and early and s.web_onset is None:
+                events.append(VoiceActivity(pts=t_end, speech=True))  # Silero agrees with WebRTC's onset
         self._decide(s, t, t_end, is_speech, is_silence, events)
+
+    def _webrtc_onset(self, s: VADState, t_end: float, fraction: float, is_speech: bool, voiced: bool) -> bool:
+        """The raw decision with WebRTC's earlier onsets: a voiced run of activity_webrtc_ms turns
+        the voice on; it stays on, while WebRTC hears it, for activity_confirm_ms or until Silero
+        agrees (from then on Silero's hysteresis decides alone)."""
+        c = self.config
+        s.web_run_ms = s.web_run_ms + fraction * self._hop_s * 1000 if fraction >= 0.5 else 0.0
+        if is_speech:
+            s.web_onset = None  # confirmed
+            return True
+        if s.web_onset is not None:
+            if fraction >= 0.5 and (t_end - s.web_onset) * 1000 <= c.activity_confirm_ms:
+                return True
+            s.web_onset = None  # not confirmed: a noise; the next onset needs a quiet hop first
+            s.web_run_ms = float("-inf")
+            return voiced
+        if s.voiced and not voiced:
+            s.web_run_ms = float("-inf")  # Silero ended the voice: a new onset needs a quiet hop first
+        elif not voiced and not s.voiced and s.web_run_ms >= c.activity_webrtc_ms:
+            s.web_onset = t_end
+            return True
+        return voiced
 
     def _webrtc_fraction(self, s: VADState, hop: np.ndarray) -> float:
         buf = np.concatenate([s.web_carry, hop]) if len(s.web_carry) else hop

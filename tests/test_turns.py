@@ -80,7 +80,7 @@ def utterance(onset: float, end: float, partials=(), final: str | None = None, h
 # the eot values in these tables are written against these thresholds; the shipped defaults are
 # calibrated to the dialogue model's sentence-end reading and may move without changing the policy
 TABLE_THRESHOLDS = dict(respond_eot=0.5, unfinished_eot=0.15, speculate_eot=0.8, speculate_gap_ms=100.0, long_gap_ms=800.0,
-                        speculate_speech_eot=1.0, confident_eot=1.0, confident_gap_ms=0.0)
+                        speculate_speech_eot=1.0, confident_eot=1.0, confident_gap_ms=0.0, onset_ms=60.0)
 
 
 def play(events, **cfg):
@@ -574,3 +574,18 @@ def test_replay_is_deterministic():
     evs = sorted(SPEAKING + utterance(3.0, 4.5, [(3.55, "", "What about")], "What about it?"), key=lambda e: e.t)
     assert run(evs)[1] == run(evs)[1]
     assert run(evs)[0] == run(evs)[0]
+
+
+def test_an_early_onset_pauses_the_agent_but_does_not_break_a_listening_silence():
+    """WebRTC-only onsets (VoiceActivity early=True): over the agent's voice they pause it at once;
+    in the user's turn-end silence they are ignored, so a breath does not restart the gap."""
+    # SPEAK: an early onset is an onset
+    state = speaking_state(onset_ms=30.0)
+    s, acts = after(state, [VoiceActivity(3.0, True, early=True)] + ticks(3.0, 3.1, 0.02))
+    assert names(acts)[:1] == ["PauseSpeaking"] and first(acts, PauseSpeaking)[0] <= 3.04
+    # LISTEN: 100 ms into the silence after "What time is it", a click; the turn is still taken
+    # 200 ms after the voice ended, as without it
+    evs = utterance(0.0, 1.2, [(0.55, "", "What time"), (1.0, "What time", "is it")], "What time is it?", hops=True)
+    evs += [EotProbability(1.05, 0.6), VoiceActivity(1.33, True, early=True), VoiceActivity(1.45, False)]
+    _, acts = play(evs + ticks(1.0, 3.0, 0.02), respond_eot=0.5)
+    assert first(acts, StartReply)[0] == pytest.approx(1.42, abs=0.021), acts

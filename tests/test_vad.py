@@ -123,3 +123,52 @@ async def test_vad_stage_forwards_all_audio_and_inserts_events_in_order():
     for e in events:
         nxt = out[out.index(e) + 1]
         assert isinstance(nxt, AudioFrame) and nxt.pts <= e.detected_at <= nxt.end_pts + 0.032
+
+
+def _activity(x: np.ndarray, **cfg):
+    from streaming.frames import VoiceActivity
+
+    events, _ = run(TwoStageVAD(VADConfig(activity_events=True, **cfg)), x)
+    return [(round(e.pts, 3), e.speech) for e in events if isinstance(e, VoiceActivity)], segments(events)
+
+
+def test_webrtc_hears_the_unvoiced_start_of_stop_before_silero():
+    """'Stop, please': Silero scores the s and t under 0.05 and turns the voice on only at the
+    vowel; WebRTC's onset comes ~100 ms sooner (barge-in pauses the agent from it). Segments and
+    the end of the voice are Silero's either way."""
+    from pathlib import Path
+
+    clip = read_audio(Path(__file__).parents[1] / "agent/data/scenarios/audio/i_stop_please.wav")
+    x = np.concatenate([noise_floor(RATE // 2), clip, noise_floor(RATE)])
+    silero, seg0 = _activity(x, activity_webrtc_ms=0.0)
+    early, seg1 = _activity(x, activity_webrtc_ms=30.0)
+    on0 = next(t for t, v in silero if v)
+    on1 = next(t for t, v in early if v and t > 0.3)  # (WebRTC adapts to a stream's first 100 ms)
+    assert 0.5 <= on1 <= 0.6 and on0 - on1 >= 0.06, (silero, early)
+    assert seg0 == seg1
+    off0 = [t for t, v in silero if not v][-1]
+    off1 = [t for t, v in early if not v][-1]
+    assert abs(off1 - off0) <= 0.033
+    # the early onset is marked, and Silero's agreement follows as an ordinary voice frame
+    from streaming.frames import VoiceActivity
+
+    events, _ = run(TwoStageVAD(VADConfig(activity_events=True, activity_webrtc_ms=30.0)), x)
+    acts = [(round(e.pts, 3), e.speech, e.early) for e in events if isinstance(e, VoiceActivity) and e.pts > 0.3]
+    assert acts[0] == (on1, True, True) and acts[1][1:] == (True, False) and acts[1][0] <= on0 + 0.001, acts
+    assert [t for t, v in early if not v and t > 0.3 and t < off1] == [t for t, v in silero if not v and t < off0]
+
+
+def test_a_webrtc_onset_silero_never_confirms_ends_and_noise_does_not_flap():
+    # a knock: WebRTC may turn the voice on, Silero never agrees: it is off within the confirm window
+    from pathlib import Path
+
+    knock = read_audio(Path(__file__).parents[1] / "agent/data/scenarios/audio/n_knock.wav")
+    acts, segs = _activity(np.concatenate([noise_floor(RATE // 2), knock, noise_floor(RATE)]), activity_webrtc_ms=30.0)
+    assert segs == []
+    ons = [t for t, v in acts if v]
+    offs = [t for t, v in acts if not v]
+    assert len(ons) == len(offs) and all(off - on <= 0.16 + 0.064 for on, off in zip(ons, offs)), acts
+    # two seconds of loud steady noise: at most one unconfirmed onset, not one every window
+    hiss = (rng.standard_normal(2 * RATE) * 0.1).astype(np.float32)
+    acts, _ = _activity(np.concatenate([noise_floor(RATE // 2), hiss, noise_floor(RATE // 2)]), activity_webrtc_ms=30.0)
+    assert sum(v for t, v in acts if t > 0.3) <= 1, acts
