@@ -219,10 +219,12 @@ async def capacity_run(rig: _Rig, n: int, clips: list[np.ndarray], seconds: floa
     stop.set()
     await watcher
     lat: list[float] = []
+    replies: list[float] = []
     partials = 0
     for s in sites:
         lat += rig.latencies(s, sent[s], finals[s])[0]
         partials += rig.svc.sites[s].session.counts["partials"]
+        replies += list(rig.svc.sites[s].session.reply_latencies)
     audio_s = sum(len(a) for a in audios.values()) / RATE
     p90 = _pct(lat, 90)
     real_time = all(ok.values()) and drain_s <= DRAIN_S and backlog <= MAX_BACKLOG_S and p90 is not None and p90 <= LAG_P90_S * 1000
@@ -230,6 +232,8 @@ async def capacity_run(rig: _Rig, n: int, clips: list[np.ndarray], seconds: floa
         "sites": n, "audio_s_per_site": round(audio_s / n, 1), "finals": len(lat), "latency": _stats(lat),
         "max_backlog_s": round(backlog, 2), "drain_s": round(drain_s, 2),
         "partials_per_audio_s": round(partials / audio_s, 2),
+        # conversation sites: end of the user's voice -> the agent's first sample, inside the service
+        "reply_latency": _stats(replies),
         # the service's process only: the satellites and the broker run in processes of their own
         "service_cpu_cores": round((cpu1 - cpu0) / (wall1 - wall0), 2),
         "real_time": real_time,
@@ -240,8 +244,10 @@ async def capacity_run(rig: _Rig, n: int, clips: list[np.ndarray], seconds: floa
 
 
 async def _bench(cfg: DuplexConfig, files: list[Path], broker_url: str | None, *, repeat: int, max_sites: int,
-                 site_seconds: float, progress: Callable[[str], None]) -> dict[str, Any]:
-    models = await asyncio.to_thread(SharedModels.load, cfg, tts=False)
+                 site_seconds: float, progress: Callable[[str], None], conversation: bool = False) -> dict[str, Any]:
+    # conversation: every site holds a conversation (LLM + Piper; the agent answers each utterance
+    # and its voice goes out as audio frames); else transcripts only
+    models = await asyncio.to_thread(SharedModels.load, cfg, llm=conversation)
     clips = [read_audio(f) for f in files]
     broker: Mosquitto | None = None
     try:
@@ -261,7 +267,7 @@ async def _bench(cfg: DuplexConfig, files: list[Path], broker_url: str | None, *
             audio_total = 0.0
             per_file = []
             k = 0
-            for r in range(repeat):
+            for r in range(0 if conversation else repeat):  # the latency comparison is about transcripts
                 for f, clip in zip(files, clips):
                     audio = np.concatenate([np.zeros(int(0.3 * RATE), np.float32), clip, np.zeros(int(TRAIL_S * RATE), np.float32)])
                     progress(f"latency {f.name} ({r + 1}/{repeat})")
@@ -305,6 +311,7 @@ async def _bench(cfg: DuplexConfig, files: list[Path], broker_url: str | None, *
                     break
         sustained = max((r["sites"] for r in runs if r["real_time"]), default=0)
         return {
+            "conversation": conversation, "llm": f"{cfg.models.llm} {cfg.models.llm_precision}" if conversation else None,
             "files": [str(f) for f in files], "repeat": repeat, "model": cfg.models.asr, "precision": cfg.models.asr_precision,
             "cpu_count": _cpus(), "latency": latency, "capacity": runs, "sustained_sites": sustained,
             "criteria": {"latency_p90_s": LAG_P90_S, "max_backlog_s": MAX_BACKLOG_S, "drain_s": DRAIN_S},
@@ -323,12 +330,15 @@ def _cpus() -> int:
 
 
 def bench(cfg: DuplexConfig, files: list[Path], broker_url: str | None = None, *, repeat: int = 2, max_sites: int = 8,
-          site_seconds: float = 30.0, progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+          site_seconds: float = 30.0, progress: Callable[[str], None] = lambda _: None,
+          conversation: bool = False) -> dict[str, Any]:
     return asyncio.run(_bench(cfg, files, broker_url, repeat=repeat, max_sites=max_sites, site_seconds=site_seconds,
-                              progress=progress))
+                              progress=progress, conversation=conversation))
 
 
 def markdown(res: dict[str, Any]) -> str:
+    if res.get("conversation"):
+        return "\n".join(_capacity_rows(res))
     lat = res["latency"]
 
     def row(name: str, s: dict[str, Any]) -> str:
@@ -361,16 +371,27 @@ def markdown(res: dict[str, Any]) -> str:
         f"CPU of the service's process per second of audio: {lat['cpu_per_audio_s']['inprocess']} s in-process, "
         f"{lat['cpu_per_audio_s']['mqtt']} s over MQTT (the broker and the satellites run in other processes).",
         "",
-        "## Concurrent sites streaming in real time",
+    ]
+    return "\n".join(out + _capacity_rows(res))
+
+
+def _capacity_rows(res: dict[str, Any]) -> list[str]:
+    what = (f"conversation sites ({res['model']} {res['precision']}, {res['llm']}, Piper: every utterance answered aloud)"
+            if res.get("conversation") else f"transcription sites ({res['model']} {res['precision']})")
+    out = [
+        f"## Concurrent {what} streaming in real time",
         "",
         f"Real time = every site drained within {DRAIN_S:.0f} s of its audio ending, at most {MAX_BACKLOG_S} s of audio "
-        f"waiting for recognition, and final latency p90 at most {LAG_P90_S} s.",
+        f"waiting for recognition, and final latency p90 at most {LAG_P90_S} s."
+        + (" Reply latency: end of the user's voice to the agent's first sample, inside the service." if res.get("conversation") else ""),
         "",
-        "| sites | finals | latency p50 ms | p90 ms | max backlog s | drain s | partials per audio s | service CPU cores | real time |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| sites | finals | latency p50 ms | p90 ms | max backlog s | drain s | partials per audio s | service CPU cores | replies | reply p50 ms | reply p90 ms | real time |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res["capacity"]:
+        rl = r.get("reply_latency") or {"n": 0, "p50_ms": None, "p90_ms": None}
         out.append(f"| {r['sites']} | {r['finals']} | {r['latency']['p50_ms']} | {r['latency']['p90_ms']} | {r['max_backlog_s']} | "
-                   f"{r['drain_s']} | {r['partials_per_audio_s']} | {r['service_cpu_cores']} | {'yes' if r['real_time'] else 'no'} |")
+                   f"{r['drain_s']} | {r['partials_per_audio_s']} | {r['service_cpu_cores']} | {rl['n']} | {rl['p50_ms']} | "
+                   f"{rl['p90_ms']} | {'yes' if r['real_time'] else 'no'} |")
     out += ["", f"**{res['sustained_sites']} concurrent site(s) sustained in real time** on {res['cpu_count']} CPUs."]
-    return "\n".join(out)
+    return out

@@ -177,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-sites", type=int, default=8, help="stop the site count there at the latest (default 8)")
     b.add_argument("--site-seconds", type=float, default=30.0, help="audio each site streams per capacity run (default 30)")
     b.add_argument("--broker", metavar="URL", help="use this broker instead of starting a private Mosquitto")
+    b.add_argument("--conversation", action="store_true",
+                   help="sites hold conversations (LLM and Piper answer every utterance): capacity only, with reply latency")
     b.add_argument("--json", "--json-out", dest="json_out", type=Path, metavar="PATH", help="also write the results as JSON")
     return parser
 
@@ -472,7 +474,8 @@ def cmd_bench_mqtt(args: argparse.Namespace, cfg: DuplexConfig) -> int:
         raise DuplexError("--files, --repeat and --max-sites must be at least 1")
     files = bench_mqtt.pick_files(args.manifest or bench_mqtt.default_manifest(), args.files)
     results = bench_mqtt.bench(cfg, files, args.broker, repeat=args.repeat, max_sites=args.max_sites,
-                               site_seconds=args.site_seconds, progress=lambda what: print(f"bench mqtt: {what}", file=sys.stderr, flush=True))
+                               site_seconds=args.site_seconds, conversation=args.conversation,
+                               progress=lambda what: print(f"bench mqtt: {what}", file=sys.stderr, flush=True))
     return _report(bench_mqtt.markdown(results), results, args.json_out)
 
 

@@ -386,6 +386,10 @@ class Session:
         self.counts = {"finals": 0, "partials": 0, "errors": 0, "restarts": 0, "turns": 0}
         #: (end of speech, final_latency_ms) of recent finals, as in their Metrics events
         self.final_latencies: deque[tuple[float, float]] = deque(maxlen=1000)
+        #: conversations: ms from the end of the user's voice (VAD's raw decision, on the audio's
+        #: clock) to the first sample of the agent's answer leaving the player
+        self.reply_latencies: deque[float] = deque(maxlen=1000)
+        self._voice_off: float | None = None
         #: the session clock: the turn core's time, and the time agent audio is due to play
         self.clock = RealClock()
         self._running = asyncio.Event()  # the pipeline is built and bound (the coordinator exists)
@@ -796,7 +800,13 @@ class Session:
             self._announced = set(sorted(self._announced)[-128:])
 
     def _on_coordinator_event(self, e: dict) -> None:
-        if e.get("kind") == "error":
+        kind = e.get("kind")
+        if kind == "voice" and not e.get("early"):
+            self._voice_off = None if e.get("speech") else e.get("at")
+        elif kind == "agent_audio_start" and self._voice_off is not None:
+            self.reply_latencies.append(round((e["t"] - self._voice_off) * 1000, 1))
+            self._voice_off = None
+        if kind == "error":
             self.counts["errors"] += 1
             self._emit(ErrorFrame(stage="coordinator", message=str(e.get("message", ""))[:300], pts=self.clock.now()))
 

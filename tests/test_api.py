@@ -166,6 +166,10 @@ async def test_conversation_question_reply_interrupt_and_say(dialogue_models):
         arrived = [t for t, e in seen if isinstance(e, AgentAudio)][:30]
         assert arrived[-1] - arrived[0] >= 0.35, "agent audio comes in real time, not in a burst"
         assert max(float(np.abs(b.samples).max()) for b in blocks) > 0.05
+        # the session timed the answer from the end of the user's voice (the question ends 0.25 s
+        # + its length into the audio; the voice-off mark is VAD's, within a hop or two of that)
+        lat = list(agent.session.reply_latencies)
+        assert lat and 0 < lat[0] < 5000, lat
 
         # interrupt(): a barge-in on the reply; no more of its audio; the dialogue keeps what was heard
         assert await agent.interrupt()
