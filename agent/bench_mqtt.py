@@ -296,7 +296,7 @@ async def _bench(cfg: DuplexConfig, files: list[Path], broker_url: str | None, *
                 "service_to_subscriber": _stats(outbound), "mqtt_added": _stats(added),
                 "session_inprocess": _stats(inside_inproc), "session_mqtt": _stats(inside_mqtt),
                 # CPU seconds of this process (sessions, service, event loop) per second of audio
-                "cpu_per_audio_s": {k: round(v / audio_total, 3) for k, v in cpu.items()},
+                "cpu_per_audio_s": {k: round(v / audio_total, 3) if audio_total else None for k, v in cpu.items()},
                 "paired_difference": _stats(paired),
                 "difference_p50_ms": round(_pct(mqtt, 50) - _pct(inproc, 50), 1) if inproc and mqtt else None,
                 "difference_p90_ms": round(_pct(mqtt, 90) - _pct(inproc, 90), 1) if inproc and mqtt else None,
