@@ -57,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per event; the summary is the last line")
     p.add_argument("--out", type=Path, metavar="WAV", help="write the conversation as stereo WAV (user left, agent right)")
     p.add_argument("--no-echo", action="store_true", help="the agent's voice does not reach the microphone")
+    _mode_args(p)
 
     p = sub.add_parser("devices", help="list audio input and output devices")
     _common(p)
@@ -160,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-echo", action="store_true", help="no echo path in the simulated room")
     b.add_argument("--out-dir", default="bench-duplex", help="where report.md and latency.png go")
     b.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    _mode_args(b)
     b = bench.add_parser("translate", help="speech translation: BLEU, chrF, lagging, RTF; streaming vs offline vs faster-whisper")
     _common(b)
     b.add_argument("--manifest", required=True, type=Path, metavar="PATH", help="manifest.tsv of the speech data")
@@ -535,16 +537,31 @@ def cmd_talk(args: argparse.Namespace, cfg: DuplexConfig) -> int:
     return run_talk(args, cfg)
 
 
+def _mode_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mode", choices=("dialogue", "interpreter", "captions"),
+                   help="dialogue (answer; the default), interpreter (translate each utterance and speak it) or captions")
+    p.add_argument("--target", metavar="LANG", help="interpreter/captions: the language to translate into (translate.target)")
+    p.add_argument("--source", metavar="LANG", help="interpreter/captions: the speech's language, or auto (translate.source)")
+
+
+def _with_mode(args: argparse.Namespace, cfg: DuplexConfig) -> DuplexConfig:
+    import dataclasses
+
+    t = cfg.translate
+    t = dataclasses.replace(t, mode=args.mode or t.mode, target=args.target or t.target, source=args.source or t.source)
+    return dataclasses.replace(cfg, translate=t)
+
+
 def cmd_converse(args: argparse.Namespace, cfg: DuplexConfig) -> int:
     from .duplex_cmds import run_converse
 
-    return run_converse(args, cfg)
+    return run_converse(args, _with_mode(args, cfg))
 
 
 def cmd_bench_duplex(args: argparse.Namespace, cfg: DuplexConfig) -> int:
     from .duplex_cmds import run_bench_duplex
 
-    return run_bench_duplex(args, cfg)
+    return run_bench_duplex(args, _with_mode(args, cfg))
 
 
 _COMMANDS = {

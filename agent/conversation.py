@@ -65,11 +65,26 @@ def build_stages(cfg: DuplexConfig, models: AgentModels, playback: Playback, on_
         stages.append(AECStage(cfg.aec, reference, canceller=canceller))
     from streaming.vad import VADStage
 
+    mode = cfg.translate.mode
     dialogue = DialogueLLM(models.llm, cfg.dialogue, hotwords=cfg.asr.hotwords)
-    coord = Coordinator(dialogue, models.tts, playback, cfg.turns, on_event=on_event)
+    coord = Coordinator(dialogue, models.tts, playback, cfg.turns, on_event=on_event, answer=mode == "dialogue")
     stages.append(VADStage(replace(cfg.vad, activity_events=True)))
     stages.append(coord.tap())  # voice onsets reach the turn core without waiting for ASR
-    stages.append(ASRStage(StreamingRecognizer(models.whisper, cfg.asr)))
+    if mode == "dialogue":
+        stages.append(ASRStage(StreamingRecognizer(models.whisper, cfg.asr)))
+    else:
+        # interpreter (translate each utterance and speak it) or captions (text only): the
+        # coordinator answers no one and reports what the player does
+        from orchestration.interpreter import Interpreter
+
+        from .translate_cmd import plan, translators_for
+
+        t = cfg.translate
+        translators = translators_for(t, models.whisper)
+        stages.append(ASRStage(StreamingRecognizer(models.whisper, plan(translators, cfg.asr, t.source, t.target))))
+        stages.append(Interpreter(translators, t, tts=models.tts, playback=playback, on_segment=lambda seg: coord.log_event(
+            "translation", text=seg.text, source_text=seg.source_text, utterance=seg.reply, engine=seg.engine,
+            source_end=seg.pts)))
     stages.append(coord)
     return stages, coord
 
@@ -244,13 +259,15 @@ async def converse(scenario: Scenario | str | Path, cfg: DuplexConfig, models: A
     wall, cpu = time.perf_counter(), time.process_time()
     await Pipeline(user, stages, clock=clock, queue_size=cfg.pipeline.queue_size).run()
     result.wall_s, result.cpu_s = time.perf_counter() - wall, time.process_time() - cpu
-    result.outcomes = judge(user, result.events)
+    result.outcomes = judge(user, result.events, translate=cfg.translate.mode == "interpreter")
     result.audio = user.stereo()
     return result
 
 
-def judge(user: SimulatedUser, events: list[dict]) -> list[dict]:
-    """Each clip's expectation against what happened (times on the conversation clock)."""
+def judge(user: SimulatedUser, events: list[dict], translate: bool = False) -> list[dict]:
+    """Each clip's expectation against what happened (times on the conversation clock).
+    ``translate`` (interpreter mode): every clip expects its translation spoken after it ends, and
+    is judged as ``respond``."""
     starts = [e["t"] for e in events if e["kind"] == "agent_audio_start"]
     stops = [e for e in events if e["kind"] == "agent_stopped"]
     out = []
@@ -260,6 +277,11 @@ def judge(user: SimulatedUser, events: list[dict]) -> list[dict]:
             out.append({"clip": r.index, "expect": r.expect, "ok": None, "why": "not played"})
             continue
         nxt = runs[i + 1].start if i + 1 < len(runs) and runs[i + 1].start is not None else float("inf")
+        if translate and not r.text.strip():
+            out.append({"clip": r.index, "expect": r.expect, "ok": None, "why": "not judged: no words to translate"})
+            continue
+        if translate:
+            r = replace(r, expect="respond")
         o: dict = {"clip": r.index, "expect": r.expect, "text": r.text, "start": round(r.start, 3), "end": round(r.end, 3)}
         if r.expect in ("respond", "wait"):
             during = [s for s in starts if r.start < s < r.end]

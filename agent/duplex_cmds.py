@@ -38,7 +38,7 @@ def run_converse(args, cfg: DuplexConfig) -> int:
     def show(e: dict) -> None:
         if args.json:
             print(json.dumps(e, default=str), flush=True)
-        elif e["kind"] in ("final", "agent_text", "decision", "agent_audio_start", "agent_stopped", "error"):
+        elif e["kind"] in ("final", "agent_text", "translation", "decision", "agent_audio_start", "agent_stopped", "error"):
             detail = e.get("text") or e.get("reason") or e.get("heard") or e.get("message") or e.get("action") or ""
             print(f"{e['t']:7.2f}s {e['kind']:<18} {detail}", flush=True)
 

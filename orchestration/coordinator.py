@@ -104,10 +104,14 @@ class Coordinator(Stage):
         tick_ms: float = 20.0,
         max_clause_words: int = 12,
         first_clause_words: int = 3,
+        answer: bool = True,
         name: str = "coordinator",
     ) -> None:
         super().__init__()
         self.name = name
+        #: take turns and answer (dialogue); False: forward every frame and only report what the
+        #: player does (interpreter mode: another stage fills the player)
+        self.answer = answer
         self.dialogue = dialogue
         self.tts = tts
         self.playback = playback
@@ -140,6 +144,8 @@ class Coordinator(Stage):
     def observe_vad(self, frame: Frame) -> None:
         self._ensure_ticker()
         self._vad_direct = True
+        if not self.answer:
+            return
         self._on_vad(frame, self.clock.now())
 
     def _on_vad(self, frame: Frame, now: float) -> None:
@@ -156,6 +162,11 @@ class Coordinator(Stage):
     async def process(self, frame: Frame) -> None:
         self._ensure_ticker()
         now = self.clock.now()
+        if not self.answer:
+            if isinstance(frame, FinalText):
+                self._emit("final", now, text=frame.text, start=frame.start, end=frame.pts, utterance=frame.utterance)
+            await self.push(frame)
+            return
         if isinstance(frame, (SpeechStarted, SpeechEnded)) or (isinstance(frame, VoiceActivity) and not self._vad_direct):
             self._on_vad(frame, now)
         elif isinstance(frame, PartialText):
@@ -487,8 +498,19 @@ class Coordinator(Stage):
             if not r.first_audio:
                 self._pending = None
 
+    def log_event(self, kind: str, **data) -> None:
+        """Add an event of another stage's to the log, on the coordinator's clock."""
+        self._emit(kind, self.clock.now(), **data)
+
     def _tick(self) -> None:
         now = self.clock.now()
+        if not self.answer:
+            for e in self.playback.events():
+                if e.kind == "start":
+                    self._emit("agent_audio_start", e.t, reply=e.reply, latency_from=None)
+                elif e.kind == "end":
+                    self._emit("agent_audio_end", e.t, reply=e.reply, heard=e.text)
+            return
         for e in self.playback.events():
             if e.reply < 0:
                 continue

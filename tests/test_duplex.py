@@ -141,3 +141,25 @@ def test_a_clip_after_agent_start_is_anchored_to_the_turn_in_progress():
     assert clip_start(clip, 5.5, u.agent_turns(), now=6.0) == pytest.approx(7.3)
     u.agent_ends = [18.0]
     assert u.agent_turns() == [(3.8, 18.0)]
+
+
+def test_converse_in_interpreter_mode_speaks_the_translation_of_each_utterance(duplex_bin, tmp_path):
+    """--mode interpreter: the English question is not answered but translated into Spanish
+    (Apertium) and spoken after it ends; nothing comes from the dialogue LLM."""
+    out = tmp_path / "interp.wav"
+    r = duplex(duplex_bin, "converse", "--script", SCENARIOS / "respond_museum.json", "--json", "--no-echo",
+               "--mode", "interpreter", "--target", "es", "--source", "en", "--out", out, timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]
+    events, outcomes, last = _events(r.stdout)
+    translations = [e for e in events if e["kind"] == "translation"]
+    assert translations and any("museo" in e["text"].lower() for e in translations), translations
+    assert not [e for e in events if e["kind"] in ("agent_text", "decision")]  # no dialogue
+    (clip,) = outcomes
+    assert clip["ok"] and 0 < clip["latency_ms"] < 5000, clip
+    start = next(e["t"] for e in events if e["kind"] == "agent_audio_start")
+    audio, rate = sf.read(out)
+    assert np.abs(audio[int(start * rate):, 1]).max() > 0.05  # the translation is heard
+    # an unsupported pair is one line
+    r = duplex(duplex_bin, "converse", "--script", SCENARIOS / "respond_museum.json", "--mode", "interpreter",
+               "--target", "ja", "--source", "en", timeout=120)
+    assert_one_line_error(r, "ja")
