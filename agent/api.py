@@ -163,8 +163,9 @@ class DuplexAgent:
 
     async def set_mode(self, mode: str, target: str | None = None) -> None:
         """``"dialogue"`` (answer), ``"captions"`` (transcribe only: the agent stops answering) or
-        ``"interpreter"`` (with ``target``, e.g. ``"es"``; stored for the interpreter, which is not
-        wired in yet: transcribes only)."""
+        ``"interpreter"`` (with ``target``, e.g. ``"es"``: each utterance is translated as its
+        words become stable and spoken; ``TranslatedText`` events, which are ``AgentText``). An
+        unsupported language pair raises ``ValueError`` naming the installed pairs."""
         await self.session.set_mode(mode, target)
 
     async def set_language(self, language: str) -> None:

@@ -315,6 +315,41 @@ class _Coordinator(Coordinator):
             await super().process(frame)
 
 
+class _LateInterpreter(Stage):
+    """The interpreter's place in a dialogue session's pipeline before the first switch to
+    interpreter mode (the translation engines are built then): forwards, and on ``set_mode``
+    becomes a real ``Interpreter`` from the next frame on."""
+
+    name = "interpreter"
+
+    def __init__(self, session: "Session") -> None:
+        super().__init__()
+        self.session = session
+        self._real: Stage | None = None
+
+    def set_mode(self, mode: str, target: str | None = None) -> None:
+        if self._real is None and mode == "interpreter":
+            from orchestration.interpreter import Interpreter
+
+            s = self.session
+            self._real = Interpreter(s._translators, replace(s.cfg.translate, target=target or s.cfg.translate.target),
+                                     tts=s.models.tts(), playback=s.playback)
+            self._real.bind(self._push, self.clock)  # its frames go on from this place in the pipeline
+        if self._real is not None:
+            self._real.set_mode(mode, target)
+
+    async def process(self, frame: Frame) -> None:
+        if self._real is not None:
+            await self._real.process(frame)
+        else:
+            await self.push(frame)
+
+    async def aclose(self) -> None:
+        if self._real is not None:
+            await self._real.aclose()
+        await super().aclose()
+
+
 class _Collect(Stage):
     name = "collect"
 
@@ -361,6 +396,8 @@ class Session:
         self.mode: str = "dialogue" if self.dialogue else "captions"
         #: target language of interpreter mode
         self.target: str | None = None
+        self._translators = None  # built on the first switch to interpreter mode
+        self._interp = None  # the pipeline's Interpreter stage (dialogue sessions)
         self._block = max(1, int(round(INTERNAL_RATE * self.cfg.audio.block_ms / 1000)))
         # unbounded on purpose: producers are paced by audio, and finals must never be dropped
         self._events: asyncio.Queue[Any] = asyncio.Queue()
@@ -612,17 +649,40 @@ class Session:
         await self._mark("recognizer", self._recognizer)
 
     async def set_mode(self, mode: str, target: str | None = None) -> None:
-        """``"dialogue"`` (answer), ``"interpreter"`` (translate into ``target``) or ``"captions"``
-        (transcribe only). In a dialogue session ``captions`` stops the agent and it answers no one
-        until ``dialogue`` again; ``interpreter`` is stored for the interpreter and, until that is
-        wired in, transcribes only. A transcripts-only session stores the mode and transcribes."""
+        """``"dialogue"`` (answer), ``"interpreter"`` (translate each utterance into ``target``
+        and speak it) or ``"captions"`` (transcribe only). In a dialogue session ``captions`` stops
+        the agent and it answers no one until ``dialogue`` again; ``interpreter`` translates as the
+        words become stable (``translate`` settings: engine per pair, simultaneous policy, source
+        language) and speaks each translation as an agent turn (``AgentText`` segments, which are
+        ``TranslatedText``, ``TurnEvent``s and ``AgentAudio``). An unsupported pair is refused
+        with the installed pairs. A transcripts-only session stores the mode and transcribes."""
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
         if mode == "interpreter" and not target:
             raise ValueError("interpreter mode needs a target language")
+        task = "transcribe"
+        if mode == "interpreter" and self.dialogue:
+            from orchestration.interpreter import asr_task, check_pair
+            from orchestration.translate import UnsupportedPair
+
+            from .translate_cmd import translators_for
+
+            if self._translators is None:
+                self._translators = await asyncio.to_thread(translators_for, self.cfg.translate, self.models.whisper)
+            try:
+                check_pair(self._translators, self.cfg.translate.source, target)
+            except UnsupportedPair as exc:
+                raise ValueError(str(exc)) from None
+            task = asr_task(self._translators, self.cfg.translate.source, target)
         self.mode, self.target = mode, target if mode == "interpreter" else None
         if mode != "dialogue" and self.coordinator is not None:
             self.coordinator.interrupt(f"mode {mode}")
+        if self._interp is not None:
+            self._interp.set_mode("interpreter" if mode == "interpreter" else "dialogue", target)
+        if self.dialogue and task != self.asr_config.task:  # Whisper translates this pair itself
+            self.asr_config = replace(self.asr_config, task=task)
+            self._recognizer = StreamingRecognizer(self.models.whisper, self.asr_config)
+            await self._mark("recognizer", self._recognizer)
 
     async def reset(self) -> None:
         """Forget the conversation: speech in progress, queued audio, detector and recogniser
@@ -852,8 +912,18 @@ class Session:
         if self._echo is not None:
             stages.append(_AEC(self.cfg.aec, self._echo, canceller=self._canceller))
         stages += [_VAD(replace(self.cfg.vad, activity_events=True), self.models.silero), coord.tap(),
-                   _ASR(self._recognizer, self._hotwords), coord, _Collect(self)]
-        return stages
+                   _ASR(self._recognizer, self._hotwords)]
+        if self._translators is not None:  # (built by the first switch to interpreter mode)
+            from orchestration.interpreter import Interpreter
+
+            interp_cfg = replace(self.cfg.translate, mode="interpreter" if self.mode == "interpreter" else "dialogue",
+                                 target=self.target or self.cfg.translate.target)
+            self._interp = Interpreter(self._translators, interp_cfg, tts=self.models.tts(), playback=self.playback)
+            stages.append(self._interp)
+        else:
+            self._interp = _LateInterpreter(self)
+            stages.append(self._interp)
+        return stages + [coord, _Collect(self)]
 
     async def _supervise(self) -> None:
         """Run the pipeline; if a stage fails, report it and start a fresh one on the same input."""

@@ -207,3 +207,38 @@ async def test_conversation_question_reply_interrupt_and_say(dialogue_models):
         sf.write(path, voice, RATE)
         heard = words(transcribe_offline(path, dialogue_models.whisper, agent.cfg.asr).text)
     assert "goodbye" in heard.replace(" ", "") or "good bye" in heard, heard
+
+
+async def test_interpreter_mode_switched_at_run_time_translates_and_speaks(dialogue_models):
+    """set_mode("interpreter", target="es") on a conversation: the next English utterance is not
+    answered but translated (Apertium en->es) and spoken as an agent turn; an unsupported pair is
+    refused with one line; back in dialogue mode the agent answers again."""
+    from orchestration.interpreter import REPLY_BASE, TranslatedText
+
+    question = read_audio(SCENARIO_AUDIO / "q_museum.wav")  # "What time does the museum open on Sundays?"
+    audio = np.concatenate([np.zeros(RATE // 4, np.float32), question, np.zeros(RATE, np.float32)])
+    seen: list = []
+    cfg = {"translate": {"source": "en"}, "dialogue": {"max_new_tokens": 16}}
+    async with DuplexAgent.from_config(cfg, models=dialogue_models) as agent:
+        with pytest.raises(ValueError, match="ja"):
+            await agent.set_mode("interpreter", target="ja")
+        await agent.set_mode("interpreter", target="es")
+
+        async def collect():
+            async for ev in agent.events():
+                seen.append(ev)
+
+        collector = asyncio.create_task(collect())
+        t0 = time.monotonic()
+        for i in range(0, len(audio), 320):
+            await agent.push_audio(audio[i : i + 320])
+            await asyncio.sleep(max(0.0, t0 + (i + 320) / RATE - time.monotonic()))
+        kinds = lambda k: [e for e in seen if isinstance(e, k)]  # noqa: E731
+        await until(lambda: kinds(TranslatedText) and len([a for a in kinds(AgentAudio) if a.reply >= REPLY_BASE]) >= 10,
+                    20, "the translation and its voice")
+        text = " ".join(t.text for t in kinds(TranslatedText)).lower()
+        assert "museo" in text, text
+        assert all(a.reply >= REPLY_BASE for a in kinds(AgentAudio)), "the dialogue did not answer"
+        assert any(e.kind == "agent_start" and e.reply >= REPLY_BASE for e in kinds(TurnEvent))
+        await agent.finish()
+        await asyncio.wait_for(collector, 5)
