@@ -316,9 +316,9 @@ class _Coordinator(Coordinator):
 
 
 class _LateInterpreter(Stage):
-    """The interpreter's place in a dialogue session's pipeline before the first switch to
-    interpreter mode (the translation engines are built then): forwards, and on ``set_mode``
-    becomes a real ``Interpreter`` from the next frame on."""
+    """The interpreter's place in a dialogue session's pipeline. Until the session first switches
+    to interpreter mode (the translation engines are built then) it only forwards; from then on
+    a real ``Interpreter`` does the work, from the next frame (and in a restarted pipeline)."""
 
     name = "interpreter"
 
@@ -326,6 +326,13 @@ class _LateInterpreter(Stage):
         super().__init__()
         self.session = session
         self._real: Stage | None = None
+        if session.mode == "interpreter" and session._translators is not None:
+            self.set_mode("interpreter", session.target)
+
+    def bind(self, push, clock, backlog=None) -> None:
+        super().bind(push, clock, backlog)
+        if self._real is not None:
+            self._real.bind(push, clock)
 
     def set_mode(self, mode: str, target: str | None = None) -> None:
         if self._real is None and mode == "interpreter":
@@ -334,7 +341,8 @@ class _LateInterpreter(Stage):
             s = self.session
             self._real = Interpreter(s._translators, replace(s.cfg.translate, target=target or s.cfg.translate.target),
                                      tts=s.models.tts(), playback=s.playback)
-            self._real.bind(self._push, self.clock)  # its frames go on from this place in the pipeline
+            if self._push is not None:
+                self._real.bind(self._push, self.clock)  # its frames go on from this place in the pipeline
         if self._real is not None:
             self._real.set_mode(mode, target)
 
@@ -911,19 +919,10 @@ class Session:
         stages: list[Stage] = []
         if self._echo is not None:
             stages.append(_AEC(self.cfg.aec, self._echo, canceller=self._canceller))
+        self._interp = _LateInterpreter(self)
         stages += [_VAD(replace(self.cfg.vad, activity_events=True), self.models.silero), coord.tap(),
-                   _ASR(self._recognizer, self._hotwords)]
-        if self._translators is not None:  # (built by the first switch to interpreter mode)
-            from orchestration.interpreter import Interpreter
-
-            interp_cfg = replace(self.cfg.translate, mode="interpreter" if self.mode == "interpreter" else "dialogue",
-                                 target=self.target or self.cfg.translate.target)
-            self._interp = Interpreter(self._translators, interp_cfg, tts=self.models.tts(), playback=self.playback)
-            stages.append(self._interp)
-        else:
-            self._interp = _LateInterpreter(self)
-            stages.append(self._interp)
-        return stages + [coord, _Collect(self)]
+                   _ASR(self._recognizer, self._hotwords), self._interp, coord, _Collect(self)]
+        return stages
 
     async def _supervise(self) -> None:
         """Run the pipeline; if a stage fails, report it and start a fresh one on the same input."""

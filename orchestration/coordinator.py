@@ -281,12 +281,7 @@ class Coordinator(Stage):
                 r.generated = text
             except Exception as exc:
                 self._call(self._error, f"say failed: {exc}")
-        r.llm_done = True
-        self._tts.submit(self._tts_done, r)
-        if r.outcome:
-            self._settle_llm(r, said)
-        else:
-            r._reply_obj = said  # type: ignore[attr-defined]
+        self._llm_finished(r, said)
 
     # -- the turn core ----------------------------------------------------------------------
 
@@ -413,12 +408,18 @@ class Coordinator(Stage):
         except Exception as exc:
             r_obj = None
             self._call(self._error, f"reply generation failed: {exc}")
+        self._llm_finished(r, r_obj)
+
+    def _llm_finished(self, r: _Reply, reply) -> None:
+        """LLM thread, after a reply's last token: its audio is complete once the TTS thread gets
+        here; the dialogue side is settled now if the reply was already dropped or stopped, else
+        kept for when it is."""
         r.llm_done = True
         self._tts.submit(self._tts_done, r)
         if r.outcome:
-            self._settle_llm(r, r_obj)
+            self._settle_llm(r, reply)
         else:
-            r._reply_obj = r_obj  # type: ignore[attr-defined]
+            r._reply_obj = reply  # type: ignore[attr-defined]
 
     def _settle_llm(self, r: _Reply, reply=None) -> None:
         """LLM thread: bring the cache in line with what became of the reply."""
