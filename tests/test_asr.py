@@ -382,3 +382,46 @@ def test_chunk_cached_encoder(tiny):
     out, _ = stream(StreamingRecognizer(tiny, ASRConfig(encoder="cached")), audio)
     text = " ".join(f.text for f in out if isinstance(f, FinalText)).lower()
     assert "thank you for trying" in text, text
+
+
+def test_a_final_that_repeats_its_last_words_without_audio_loses_the_repeat():
+    from streaming.asr.recognizer import _echoed_tail
+    from streaming.frames import Word
+
+    def ws(spec):
+        return [Word(w, a, b, 0.9) for w, a, b in spec]
+
+    said = [("by", 8.3, 8.44), ("a", 8.44, 8.76), ("similar", 8.76, 9.4), ("process.", 9.4, 9.66)]
+    looped = said + [(w.strip("."), 9.66, 9.66) for w, _, _ in said]
+    assert _echoed_tail(ws(looped)) == 4
+    assert _echoed_tail(ws(said)) == 0
+    # said twice with audio of its own: speech, kept
+    assert _echoed_tail(ws(said + [(w, a + 1.3, b + 1.3) for w, a, b in said])) == 0
+    # squeezed at the end but new words (a cut-off last word): kept
+    assert _echoed_tail(ws(said + [("and", 9.66, 9.66)])) == 0
+
+
+def test_repeat_detection_looks_only_at_new_words():
+    from streaming.asr.recognizer import _repeats
+
+    class Tok:
+        def decode(self, ids):
+            return " ".join(VOCAB[i] for i in ids)
+
+    VOCAB = "the purpose of this test is to give you".split()
+    tokens = [0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4]  # the purpose of this test is the purpose of this test
+    groups = [[i] for i in range(len(tokens))]
+    assert _repeats(Tok(), tokens, groups, first=6)
+    assert not _repeats(Tok(), tokens, groups, first=9), "a repeat inside the committed words is not new"
+    plain = [0, 1, 2, 3, 4, 5, 6, 7, 8]
+    assert not _repeats(Tok(), plain, [[i] for i in range(9)], first=3)
+
+
+def test_speech_from_the_first_sample_keeps_its_first_words(tiny):
+    """VAD reports a start after a soft first word, and a file gives no audio before it: the
+    recogniser looks back past VAD's decision and leads the window with zeros."""
+    audio = read_audio(asterisk("enter-num-blacklist"))
+    out, _ = stream(StreamingRecognizer(tiny, ASRConfig()), audio)
+    finals = [f for f in out if isinstance(f, FinalText)]
+    assert finals and words(finals[0].text)[:2] == ["please", "enter"], finals
+    assert finals[0].words[0].start >= 0.0

@@ -14,14 +14,14 @@ committed word; the committed text travels on as decoder context, so cost stays 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Annotated, Literal
 
 import numpy as np
 import torch
 from pydantic import Field
 
-from ..frames import INTERNAL_RATE, FinalText, Frame, PartialText
+from ..frames import INTERNAL_RATE, FinalText, Frame, PartialText, Word
 from ..models.whisper import EncoderCache, log_mel
 from ..models.whisper_load import WhisperBundle
 from .alignment import SECONDS_PER_POSITION, group_words, warm_up_alignment, word_timings
@@ -33,6 +33,11 @@ log = logging.getLogger(__name__)
 MAX_ENCODE_S = 29.5  # Whisper's encoder sees 30 s at most
 STEPS_KEPT = 1000  # ASRState.step_seconds keeps the last 1000 to 2000 step times
 TRIM_EVERY_S = 10.0  # release_memory() at most this often, in seconds of audio
+#: audio kept between utterances beyond the pre-roll: VAD reports a start up to this late (its
+#: decision lags the onset it reports), and the pre-roll is counted back from that onset
+LOOKBACK_S = 1.0
+#: a word the alignment gives less audio than this has none: the decoder ran past the audio
+SQUEEZED_S = 0.02
 
 
 @dataclass(frozen=True)
@@ -58,7 +63,7 @@ class ASRConfig:
     #: utterances shorter than this are ignored (clicks), ms
     min_utterance_ms: Annotated[float, Field(ge=0)] = 100.0
     #: audio kept before VAD's speech start, ms (VAD already pads its own estimate)
-    preroll_ms: Annotated[float, Field(ge=0, le=2000)] = 200.0
+    preroll_ms: Annotated[float, Field(ge=0, le=2000)] = 300.0
     #: tokens of earlier text carried into the decoder prompt as context
     context_tokens: Annotated[int, Field(ge=0, le=200)] = 64
     #: cap on text tokens per second of audio (fast speech is about 5; stops hallucinations early)
@@ -89,6 +94,9 @@ class ASRState:
     buf_start: float | None = None  # pipeline time of buf[0]
     in_speech: bool = False
     window_start: float = 0.0
+    #: seconds of zeros the window starts with: the part of the pre-roll the stream did not have
+    #: (it began with speech). Whisper drops a first word that starts its input
+    lead: float = 0.0
     last_decode_end: float = 0.0
     utterance: int = 0
     committed: list[int] = field(default_factory=list)
@@ -151,7 +159,7 @@ class StreamingRecognizer:
             samples = np.nan_to_num(samples, nan=0.0, posinf=0.0, neginf=0.0)
         state.buf = np.concatenate([state.buf, samples]) if len(state.buf) else samples.copy()
         if not state.in_speech:
-            keep = int(self.config.preroll_ms / 1000 * INTERNAL_RATE)
+            keep = int((self.config.preroll_ms / 1000 + LOOKBACK_S) * INTERNAL_RATE)
             if len(state.buf) > keep:
                 drop = len(state.buf) - keep
                 state.buf = state.buf[drop:]
@@ -186,6 +194,7 @@ class StreamingRecognizer:
         self._maybe_release(state, pts)
         start = pts - self.config.preroll_ms / 1000
         state.window_start = max(start, state.buf_start if state.buf_start is not None else start)
+        state.lead = state.window_start - start
         state.last_decode_end = state.window_start
         state.committed, state.committed_logprobs, state.history = [], [], []
         state.enc_cache = EncoderCache()
@@ -200,8 +209,8 @@ class StreamingRecognizer:
             return []
         state.in_speech = False
         out = self._final(state, min(pts, self._buf_end(state)), continued=False)
-        # keep only the pre-roll's worth of audio for the next utterance
-        self._trim_to(state, self._buf_end(state) - self.config.preroll_ms / 1000)
+        # keep only the pre-roll's worth of audio (and VAD's decision lag) for the next utterance
+        self._trim_to(state, self._buf_end(state) - self.config.preroll_ms / 1000 - LOOKBACK_S)
         return out
 
     def finish(self, state: ASRState) -> list[Frame]:
@@ -225,7 +234,14 @@ class StreamingRecognizer:
     def _window(self, s: ASRState, end: float) -> np.ndarray:
         a = int(round((s.window_start - s.buf_start) * INTERNAL_RATE))
         b = int(round((end - s.buf_start) * INTERNAL_RATE))
-        return s.buf[max(0, a) : max(0, b)]
+        audio = s.buf[max(0, a) : max(0, b)]
+        if s.lead > 0 and len(audio):
+            audio = np.concatenate([np.zeros(int(round(s.lead * INTERNAL_RATE)), np.float32), audio])
+        return audio
+
+    def _origin(self, s: ASRState) -> float:
+        """Pipeline time of the window's first sample, the lead of zeros included."""
+        return s.window_start - s.lead
 
     def _trim_to(self, s: ASRState, t: float) -> None:
         if s.buf_start is None or t <= s.buf_start:
@@ -292,8 +308,9 @@ class StreamingRecognizer:
         t0 = time.perf_counter()
         audio = self._window(s, end)
         s.last_decode_end = end
-        feats, _ = self._encode(s, audio)
-        d = self._decode(s, feats, len(audio) / INTERNAL_RATE)
+        feats, real = self._encode(s, audio)
+        d = self._decode(s, feats, len(audio) / INTERNAL_RATE - s.lead)
+        d = self._unloop(s, feats, real, d)
         hyp = s.committed + d.tokens
         s.history = (s.history + [hyp])[-self.config.agreement :]
         newly = self._agree(s, d)
@@ -312,6 +329,28 @@ class StreamingRecognizer:
         if (end - s.window_start) > self.config.max_window_s:
             out.extend(self._cut(s, feats, end, d))
         return out
+
+    def _unloop(self, s: ASRState, feats: torch.Tensor, real: int, d: Decoded) -> Decoded:
+        """A hypothesis that runs past the audio loops back over words it already has ("the
+        purpose of this test is the purpose of this test"), and two such steps in a row would
+        commit the loop. Where the new words repeat three words of the window, align the
+        hypothesis and keep only the words up to the last one with audio of its own."""
+        tok = self.m.tokenizer
+        tokens = s.committed + d.tokens
+        groups = group_words(tok, tokens)
+        n_committed = len(group_words(tok, s.committed))
+        if not _repeats(tok, tokens, groups, n_committed):
+            return d
+        words = word_timings(self.m.model, tok, feats, d.prompt, tokens, s.committed_logprobs + d.logprobs,
+                             self.m.alignment_heads, self._origin(s), real)
+        keep = len(words)
+        while keep > n_committed and words[keep - 1].end - words[keep - 1].start < SQUEEZED_S:
+            keep -= 1
+        if keep == len(words):
+            return d
+        cut = groups[keep][0] - len(s.committed)
+        log.debug("hypothesis ran past the audio and looped: kept %r", tok.decode(d.tokens[:cut]))
+        return replace(d, tokens=d.tokens[:cut], logprobs=d.logprobs[:cut])
 
     def _agree(self, s: ASRState, d: Decoded) -> list[str]:
         """Commit the words every recent hypothesis agrees on (LocalAgreement-n)."""
@@ -346,13 +385,13 @@ class StreamingRecognizer:
             return self._final(s, end, continued=True)  # no agreement for too long: close it all
         tok = self.m.tokenizer
         prompt = self._prompt(s, feats)
-        real = int((end - s.window_start) / SECONDS_PER_POSITION)
+        real = int((end - self._origin(s)) / SECONDS_PER_POSITION)
         # align the whole latest hypothesis, not the committed words alone: DTW must place every
         # token, so the last committed word would otherwise stretch over the audio after it
         n_words = len(group_words(tok, s.committed))
         words = word_timings(self.m.model, tok, feats, prompt, s.committed + latest.tokens,
-                             s.committed_logprobs + latest.logprobs, self.m.alignment_heads, s.window_start, real)
-        words = words[:n_words]
+                             s.committed_logprobs + latest.logprobs, self.m.alignment_heads, self._origin(s), real)
+        words = _clamp(words[:n_words], s.window_start)
         cut_at = words[-1].end if words else end
         frame = FinalText(
             pts=cut_at, utterance=s.utterance, text=tok.decode(s.committed).strip(), start=s.window_start,
@@ -360,7 +399,7 @@ class StreamingRecognizer:
         )
         s.context = (s.context + s.committed)[-200:]
         s.committed, s.committed_logprobs, s.history = [], [], []
-        s.window_start = cut_at
+        s.window_start, s.lead = cut_at, 0.0
         s.enc_cache = EncoderCache()
         self._trim_to(s, cut_at - 0.05)
         self._maybe_release(s, end)
@@ -377,11 +416,17 @@ class StreamingRecognizer:
             s.committed, s.committed_logprobs, s.history = [], [], []
             return out
         feats, real = self._encode(s, audio, final=True)
-        d = self._decode(s, feats, len(audio) / INTERNAL_RATE)
+        d = self._decode(s, feats, len(audio) / INTERNAL_RATE - s.lead)
         tokens = s.committed + d.tokens
         logprobs = s.committed_logprobs + d.logprobs
         words = word_timings(self.m.model, self.m.tokenizer, feats, d.prompt, tokens, logprobs,
-                             self.m.alignment_heads, s.window_start, real)
+                             self.m.alignment_heads, self._origin(s), real)
+        words = _clamp(words, s.window_start)
+        echo = _echoed_tail(words)
+        if echo:
+            log.debug("final pass repeated its last %d words without audio: dropped", echo)
+            keep = group_words(self.m.tokenizer, tokens)[len(words) - echo][0]
+            tokens, logprobs, words = tokens[:keep], logprobs[:keep], words[: len(words) - echo]
         text = self.m.tokenizer.decode(tokens).strip()
         frame = FinalText(
             pts=end, utterance=s.utterance, text=text, start=s.window_start, words=tuple(words),
@@ -390,10 +435,45 @@ class StreamingRecognizer:
         s.context = (s.context + tokens)[-200:]
         s.committed, s.committed_logprobs, s.history = [], [], []
         if continued:
-            s.window_start = end
+            s.window_start, s.lead = end, 0.0
             s.last_decode_end = end
             s.enc_cache = EncoderCache()
         return out + ([frame] if text else [])
+
+
+def _repeats(tok, tokens: list[int], groups: list[list[int]], first: int, n: int = 3) -> bool:
+    """Does a word n-gram starting at or after word ``first`` occur earlier in the words?"""
+    norm = ["".join(ch for ch in tok.decode([tokens[i] for i in g]).lower() if ch.isalnum()) for g in groups]
+    seen: set[tuple[str, ...]] = set()
+    for j in range(len(norm) - n + 1):
+        gram = tuple(norm[j : j + n])
+        if j >= first and gram in seen:
+            return True
+        seen.add(gram)
+    return False
+
+
+def _echoed_tail(words: list[Word]) -> int:
+    """How many words at the end of a final are a loop, not speech: a run of words that the
+    alignment squeezes into no audio at the end of the window, repeating the words just before
+    it ("... by a similar process by a similar process"). Whisper does this when the forced
+    prefix already holds the last words. 0 when there is none."""
+    squeezed = 0
+    for w in reversed(words):
+        if w.end - w.start >= SQUEEZED_S:
+            break
+        squeezed += 1
+    norm = ["".join(ch for ch in w.word.lower() if ch.isalnum()) for w in words]
+    n = len(words)
+    for k in range(min(squeezed, n // 2), 0, -1):
+        if norm[n - k :] == norm[n - 2 * k : n - k]:
+            return k
+    return 0
+
+
+def _clamp(words: list[Word], start: float) -> list[Word]:
+    """Word times no earlier than the window's real audio (DTW may place a first word in the lead)."""
+    return [w if w.start >= start else replace(w, start=start, end=max(w.end, start)) for w in words]
 
 
 def _malloc_trim():
