@@ -162,8 +162,9 @@ class DuplexAgent:
         return await self.session.set_hotwords(hotwords)
 
     async def set_mode(self, mode: str, target: str | None = None) -> None:
-        """``"dialogue"`` (answer), ``"captions"`` (transcribe only: the agent stops answering) or
-        ``"interpreter"`` (with ``target``, e.g. ``"es"``: each utterance is translated as its
+        """``"dialogue"`` (answer), ``"captions"`` (text only: the agent stops answering; with
+        ``target`` each utterance's translation comes as ``TranslatedText`` events, never spoken)
+        or ``"interpreter"`` (with ``target``, e.g. ``"es"``: each utterance is translated as its
         words become stable and spoken; ``TranslatedText`` events, which are ``AgentText``). An
         unsupported language pair raises ``ValueError`` naming the installed pairs."""
         await self.session.set_mode(mode, target)

@@ -326,8 +326,8 @@ class _LateInterpreter(Stage):
         super().__init__()
         self.session = session
         self._real: Stage | None = None
-        if session.mode == "interpreter" and session._translators is not None:
-            self.set_mode("interpreter", session.target)
+        if session.mode in ("interpreter", "captions") and session.target and session._translators is not None:
+            self.set_mode(session.mode, session.target)
 
     def bind(self, push, clock, backlog=None) -> None:
         super().bind(push, clock, backlog)
@@ -335,12 +335,12 @@ class _LateInterpreter(Stage):
             self._real.bind(push, clock)
 
     def set_mode(self, mode: str, target: str | None = None) -> None:
-        if self._real is None and mode == "interpreter":
+        if self._real is None and mode in ("interpreter", "captions"):
             from orchestration.interpreter import Interpreter
 
             s = self.session
             self._real = Interpreter(s._translators, replace(s.cfg.translate, target=target or s.cfg.translate.target),
-                                     tts=s.models.tts(), playback=s.playback)
+                                     tts=s.models.tts() if s.dialogue else None, playback=s.playback)
             if self._push is not None:
                 self._real.bind(self._push, self.clock)  # its frames go on from this place in the pipeline
         if self._real is not None:
@@ -402,10 +402,10 @@ class Session:
         self.dialogue: bool = models.llm is not None if dialogue is None else bool(dialogue)
         #: "dialogue", "interpreter" or "captions" (see set_mode)
         self.mode: str = "dialogue" if self.dialogue else "captions"
-        #: target language of interpreter mode
+        #: target language of interpreter mode and translated captions
         self.target: str | None = None
-        self._translators = None  # built on the first switch to interpreter mode
-        self._interp = None  # the pipeline's Interpreter stage (dialogue sessions)
+        self._translators = None  # built on the first switch to translated speech or captions
+        self._interp = None  # the pipeline's Interpreter stage
         self._block = max(1, int(round(INTERNAL_RATE * self.cfg.audio.block_ms / 1000)))
         # unbounded on purpose: producers are paced by audio, and finals must never be dropped
         self._events: asyncio.Queue[Any] = asyncio.Queue()
@@ -658,18 +658,24 @@ class Session:
 
     async def set_mode(self, mode: str, target: str | None = None) -> None:
         """``"dialogue"`` (answer), ``"interpreter"`` (translate each utterance into ``target``
-        and speak it) or ``"captions"`` (transcribe only). In a dialogue session ``captions`` stops
-        the agent and it answers no one until ``dialogue`` again; ``interpreter`` translates as the
+        and speak it) or ``"captions"`` (text only: translated into ``target`` when one is given,
+        else the transcripts). In a dialogue session ``captions`` stops the agent and it answers no
+        one until ``dialogue`` again; ``interpreter`` and translated captions translate as the
         words become stable (``translate`` settings: engine per pair, simultaneous policy, source
-        language) and speaks each translation as an agent turn (``AgentText`` segments, which are
-        ``TranslatedText``, ``TurnEvent``s and ``AgentAudio``). An unsupported pair is refused
-        with the installed pairs. A transcripts-only session stores the mode and transcribes."""
+        language) as ``TranslatedText`` events (``AgentText``); the interpreter speaks each one as
+        an agent turn (``TurnEvent``s and ``AgentAudio``), and a caption whose final rewrote shown
+        words comes again with ``supersedes``. An unsupported pair is refused with the installed
+        pairs. A transcripts-only session cannot speak: there ``interpreter`` is stored, and
+        translated captions work as in a dialogue session."""
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
         if mode == "interpreter" and not target:
             raise ValueError("interpreter mode needs a target language")
+        if mode == "dialogue":
+            target = None
+        translated = (mode == "interpreter" and self.dialogue) or (mode == "captions" and bool(target))
         task = "transcribe"
-        if mode == "interpreter" and self.dialogue:
+        if translated:
             from orchestration.interpreter import asr_task, check_pair
             from orchestration.translate import UnsupportedPair
 
@@ -682,12 +688,12 @@ class Session:
             except UnsupportedPair as exc:
                 raise ValueError(str(exc)) from None
             task = asr_task(self._translators, self.cfg.translate.source, target)
-        self.mode, self.target = mode, target if mode == "interpreter" else None
+        self.mode, self.target = mode, target
         if mode != "dialogue" and self.coordinator is not None:
             self.coordinator.interrupt(f"mode {mode}")
         if self._interp is not None:
-            self._interp.set_mode("interpreter" if mode == "interpreter" else "dialogue", target)
-        if self.dialogue and task != self.asr_config.task:  # Whisper translates this pair itself
+            self._interp.set_mode(mode if translated else "dialogue", target)
+        if task != self.asr_config.task:  # Whisper translates this pair itself
             self.asr_config = replace(self.asr_config, task=task)
             self._recognizer = StreamingRecognizer(self.models.whisper, self.asr_config)
             await self._mark("recognizer", self._recognizer)
@@ -909,7 +915,9 @@ class Session:
 
     def _stages(self) -> list[Stage]:
         if not self.dialogue:
-            return [_VAD(self.cfg.vad, self.models.silero), _ASR(self._recognizer, self._hotwords), _Collect(self)]
+            self._interp = _LateInterpreter(self)
+            return [_VAD(self.cfg.vad, self.models.silero), _ASR(self._recognizer, self._hotwords), self._interp,
+                    _Collect(self)]
         assert self.dialogue_llm is not None and self.playback is not None
         coord = _Coordinator(self, self.dialogue_llm, self.models.tts(), self.playback, self.cfg.turns,
                              on_event=self._on_coordinator_event)

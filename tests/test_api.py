@@ -209,6 +209,46 @@ async def test_conversation_question_reply_interrupt_and_say(dialogue_models):
     assert "goodbye" in heard.replace(" ", "") or "good bye" in heard, heard
 
 
+async def test_captions_with_a_target_are_translated_text_without_speech(models):
+    """set_mode("captions", target="es") on a transcripts-only agent: each English utterance
+    comes as its transcript and as Spanish TranslatedText (Apertium), nothing is spoken; without a
+    target, captions are the transcripts alone again."""
+    from orchestration.interpreter import TranslatedText
+
+    speech = read_audio(librivox("0870"))
+    audio = np.concatenate([np.zeros(RATE // 4, np.float32), speech, np.zeros(RATE, np.float32)])
+    events: list = []
+    async with DuplexAgent.from_config({"translate": {"source": "en"}}, models=models) as agent:
+        with pytest.raises(ValueError, match="ja"):
+            await agent.set_mode("captions", target="ja")
+        await agent.set_mode("captions", target="es")
+        assert (agent.session.mode, agent.session.target) == ("captions", "es")
+
+        async def collect():
+            async for ev in agent.events():
+                events.append(ev)
+
+        collector = asyncio.create_task(collect())
+        await agent.push_audio(audio)
+        await agent.flush()
+        await until(lambda: any(isinstance(e, TranslatedText) and e.final for e in events), 10, "the final caption")
+        finals = [e for e in events if isinstance(e, FinalText)]
+        captions = [e for e in events if isinstance(e, TranslatedText) and not e.supersedes]
+        assert len(finals) == 1 and captions and all(c.target_language == "es" for c in captions)
+        text = " ".join(c.text for c in captions).lower()
+        assert "dashwood" in text and ("tenía" in text or "poder" in text or "para" in text), text
+        assert not [e for e in events if isinstance(e, (AgentAudio, TurnEvent))], "captions are never spoken"
+
+        n = len(events)
+        await agent.set_mode("captions")
+        await agent.push_audio(audio)
+        await agent.flush()
+        assert [e for e in events[n:] if isinstance(e, FinalText)]
+        assert not [e for e in events[n:] if isinstance(e, TranslatedText)]
+        await agent.finish()
+        await asyncio.wait_for(collector, 5)
+
+
 async def test_interpreter_mode_switched_at_run_time_translates_and_speaks(dialogue_models):
     """set_mode("interpreter", target="es") on a conversation: the next English utterance is not
     answered but translated (Apertium en->es) and spoken as an agent turn; an unsupported pair is
