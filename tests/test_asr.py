@@ -425,3 +425,16 @@ def test_speech_from_the_first_sample_keeps_its_first_words(tiny):
     finals = [f for f in out if isinstance(f, FinalText)]
     assert finals and words(finals[0].text)[:2] == ["please", "enter"], finals
     assert finals[0].words[0].start >= 0.0
+
+
+def test_clause_commit_only_commits_whole_clauses(tiny):
+    """commit="clause" (the default when translating): the stable text always ends a clause, and
+    the final still holds every stable word."""
+    audio = np.concatenate([np.zeros(8000, np.float32), read_audio(librivox("0870")), read_audio(librivox("0880")),
+                            np.zeros(16000, np.float32)])
+    out, _ = stream(StreamingRecognizer(tiny, ASRConfig(commit="clause")), audio)
+    stables = {p.stable.strip() for p in out if isinstance(p, PartialText)} - {""}
+    finals = [f for f in out if isinstance(f, FinalText)]
+    assert finals and stables, "some clause became stable before the end"
+    assert all(s.endswith((",", ";", ":", ".", "?", "!")) for s in stables), stables
+    assert any(f.text.startswith(max(stables, key=len)) for f in finals)

@@ -234,9 +234,13 @@ def _translate(bundle, path, source, target, routes=None, pace="fast"):
 
 
 def test_spanish_recording_translated_to_english(base):
-    r = _translate(base, es("confbridge-unlocked"), "es", "en")  # "La conferencia está ahora desbloqueada."
+    # "Lo siento, no fue posible crear una conexión con el servidor de demostración de Digium..."
+    # (a 4 s prompt such as confbridge-unlocked is too short to test on: Whisper base's
+    # streamed translation of it changes with where the window starts)
+    r = _translate(base, es("demo-nogo"), "es", "en")
     assert r.engine == "whisper" and r.source_language == "es"
-    assert "conference" in r.text.lower() and "unlocked" in r.text.lower()
+    text = r.text.lower()
+    assert "connection" in text and "server" in text and "console" in text, text
     d = r.as_dict()
     assert set(d) >= {"file", "source_language", "source_text", "text", "segments", "audio_seconds", "processing_seconds"}
     assert d["segments"] and all(set(s) >= {"text", "emitted_at", "source_end"} for s in d["segments"])

@@ -36,6 +36,8 @@ TRIM_EVERY_S = 10.0  # release_memory() at most this often, in seconds of audio
 #: audio kept between utterances beyond the pre-roll: VAD reports a start up to this late (its
 #: decision lags the onset it reports), and the pre-roll is counted back from that onset
 LOOKBACK_S = 1.0
+#: punctuation that ends a clause, for ``ASRConfig.commit = "clause"``
+CLAUSE_END = (",", ";", ":", ".", "?", "!")
 #: a word the alignment gives less audio than this has none: the decoder ran past the audio
 SQUEEZED_S = 0.02
 
@@ -50,6 +52,10 @@ class ASRConfig:
     language: str = "en"
     #: "transcribe", or "translate" (to English; multilingual models only)
     task: Literal["transcribe", "translate"] = "transcribe"
+    #: what the agreement may commit: any agreed "word", or only whole agreed "clause"s (up to a
+    #: , ; : . ? !); "auto": clauses when translating (a translation's first words depend on the
+    #: rest of the clause, and a committed prefix cannot be revised), words when transcribing
+    commit: Literal["auto", "word", "clause"] = "auto"
     #: windows longer than this are cut after the last stable word, s (Whisper sees at most 30 s)
     max_window_s: Annotated[float, Field(ge=5, le=28)] = 20.0
     #: "window": re-encode the whole utterance window each step; "cached": keep earlier chunks'
@@ -365,10 +371,12 @@ class StreamingRecognizer:
         # back off to a word boundary: the token after the agreed part must start a new word in
         # the current hypothesis, otherwise the last agreed word may still grow
         tok = self.m.tokenizer
+        clauses = self.config.commit == "clause" or (self.config.commit == "auto" and self.config.task == "translate")
         cut = 0
         for i in range(1, lcp + 1):
             if i < len(cur) and tok.token_text(cur[i]).startswith(" "):
-                cut = i
+                if not clauses or tok.token_text(cur[i - 1]).rstrip().endswith(CLAUSE_END):
+                    cut = i
         if cut == 0:
             return []
         words = [tok.decode([cur[j] for j in w]).strip() for w in group_words(tok, cur[:cut])]

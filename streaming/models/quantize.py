@@ -27,14 +27,18 @@ def quantize_int8(model: torch.nn.Module, per_channel: bool = True) -> torch.nn.
 
 
 def quantize_logits(embedding: torch.nn.Embedding) -> torch.nn.Module:
-    """An int8 (per-row, dynamic) copy of a tied output projection onto ``embedding``'s
-    vocabulary. For Whisper it is the largest matrix a decoding step reads (base: 51,865 x 512),
-    so a step reads a quarter of the bytes."""
+    """An int8 copy (one scale per row) of a tied output projection onto ``embedding``'s
+    vocabulary, with bf16 activations (``WeightInt8Linear``); fp32 where this torch lacks the
+    kernel. For Whisper it is the largest matrix a decoding step reads (base: 51,865 x 512), so a
+    step reads a quarter of the bytes. Activations quantised on the fly (dynamic int8) lose too
+    much here: Whisper base then translated "La conferencia está ahora desbloqueada" as "The
+    conference is on the blockade hour"."""
     vocab, d = embedding.weight.shape
     proj = torch.nn.Linear(d, vocab, bias=False)
     proj.weight = torch.nn.Parameter(embedding.weight.detach().clone(), requires_grad=False)
-    wrapper = torch.nn.Sequential(proj)
-    return quantize_int8(wrapper, per_channel=True)[0]
+    if not weight_int8_available():
+        return proj
+    return WeightInt8Linear(proj)
 
 
 def weight_int8_available() -> bool:
