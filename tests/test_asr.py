@@ -142,7 +142,8 @@ def test_another_language_with_the_english_model_gives_text_not_a_crash(tiny):
     finals = [f for f in out if isinstance(f, FinalText)]
     assert finals and all(f.language == "en" for f in finals)
     text = " ".join(f.text for f in finals)
-    assert 0 < len(words(text)) <= 5 * len(speech) / RATE, text
+    # bounded by the recogniser's cap of asr.max_tokens_per_second (7) tokens per second of audio
+    assert 0 < len(words(text)) <= 7 * len(speech) / RATE + 4, text
 
 
 def test_broken_samples_and_blips_without_vad(tiny):
@@ -419,9 +420,10 @@ def test_repeat_detection_looks_only_at_new_words():
 
 def test_speech_from_the_first_sample_keeps_its_first_words(tiny):
     """VAD reports a start after a soft first word, and a file gives no audio before it: the
-    recogniser looks back past VAD's decision and leads the window with zeros."""
+    recogniser looks back past VAD's decision and leads the window with zeros (the 300 ms
+    pre-roll recommended for transcribing files)."""
     audio = read_audio(asterisk("enter-num-blacklist"))
-    out, _ = stream(StreamingRecognizer(tiny, ASRConfig()), audio)
+    out, _ = stream(StreamingRecognizer(tiny, ASRConfig(preroll_ms=300)), audio)
     finals = [f for f in out if isinstance(f, FinalText)]
     assert finals and words(finals[0].text)[:2] == ["please", "enter"], finals
     assert finals[0].words[0].start >= 0.0

@@ -69,7 +69,7 @@ class ASRConfig:
     #: utterances shorter than this are ignored (clicks), ms
     min_utterance_ms: Annotated[float, Field(ge=0)] = 100.0
     #: audio kept before VAD's speech start, ms (VAD already pads its own estimate)
-    preroll_ms: Annotated[float, Field(ge=0, le=2000)] = 300.0
+    preroll_ms: Annotated[float, Field(ge=0, le=2000)] = 0.0
     #: tokens of earlier text carried into the decoder prompt as context
     context_tokens: Annotated[int, Field(ge=0, le=200)] = 64
     #: cap on text tokens per second of audio (fast speech is about 5; stops hallucinations early)
