@@ -326,8 +326,8 @@ class _LateInterpreter(Stage):
         super().__init__()
         self.session = session
         self._real: Stage | None = None
-        if session.mode in ("interpreter", "captions") and session.target and session._translators is not None:
-            self.set_mode(session.mode, session.target)
+        if session._interp_mode != "dialogue" and session._translators is not None:
+            self.set_mode(session._interp_mode, session.target)
 
     def bind(self, push, clock, backlog=None) -> None:
         super().bind(push, clock, backlog)
@@ -406,6 +406,8 @@ class Session:
         self.target: str | None = None
         self._translators = None  # built on the first switch to translated speech or captions
         self._interp = None  # the pipeline's Interpreter stage
+        #: what that stage does: "interpreter", "captions" (translated) or "dialogue" (forwards)
+        self._interp_mode = "dialogue"
         self._block = max(1, int(round(INTERNAL_RATE * self.cfg.audio.block_ms / 1000)))
         # unbounded on purpose: producers are paced by audio, and finals must never be dropped
         self._events: asyncio.Queue[Any] = asyncio.Queue()
@@ -689,10 +691,11 @@ class Session:
                 raise ValueError(str(exc)) from None
             task = asr_task(self._translators, self.cfg.translate.source, target)
         self.mode, self.target = mode, target
+        self._interp_mode = mode if translated else "dialogue"
         if mode != "dialogue" and self.coordinator is not None:
             self.coordinator.interrupt(f"mode {mode}")
         if self._interp is not None:
-            self._interp.set_mode(mode if translated else "dialogue", target)
+            self._interp.set_mode(self._interp_mode, target)
         if task != self.asr_config.task:  # Whisper translates this pair itself
             self.asr_config = replace(self.asr_config, task=task)
             self._recognizer = StreamingRecognizer(self.models.whisper, self.asr_config)

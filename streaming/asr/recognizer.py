@@ -130,6 +130,8 @@ class StreamingRecognizer:
         if c.language not in ("auto", *model.tokenizer.languages) and model.multilingual:
             raise ValueError(f"unknown language {c.language!r}")
         self._suppress = rules_filter(model.tokenizer, model.rules)
+        #: commit whole clauses only (see ASRConfig.commit)
+        self._clauses = c.commit == "clause" or (c.commit == "auto" and c.task == "translate")
         warm_up_alignment()
 
     # -- state ------------------------------------------------------------------------------
@@ -344,7 +346,7 @@ class StreamingRecognizer:
         tok = self.m.tokenizer
         tokens = s.committed + d.tokens
         groups = group_words(tok, tokens)
-        n_committed = len(group_words(tok, s.committed))
+        n_committed = sum(1 for g in groups if g[0] < len(s.committed))  # committed ends on a word
         if not _repeats(tok, tokens, groups, n_committed):
             return d
         words = word_timings(self.m.model, tok, feats, d.prompt, tokens, s.committed_logprobs + d.logprobs,
@@ -371,11 +373,10 @@ class StreamingRecognizer:
         # back off to a word boundary: the token after the agreed part must start a new word in
         # the current hypothesis, otherwise the last agreed word may still grow
         tok = self.m.tokenizer
-        clauses = self.config.commit == "clause" or (self.config.commit == "auto" and self.config.task == "translate")
         cut = 0
         for i in range(1, lcp + 1):
             if i < len(cur) and tok.token_text(cur[i]).startswith(" "):
-                if not clauses or tok.token_text(cur[i - 1]).rstrip().endswith(CLAUSE_END):
+                if not self._clauses or tok.token_text(cur[i - 1]).rstrip().endswith(CLAUSE_END):
                     cut = i
         if cut == 0:
             return []
@@ -449,9 +450,14 @@ class StreamingRecognizer:
         return out + ([frame] if text else [])
 
 
+def _norm_word(word: str) -> str:
+    """A word compared without case and punctuation."""
+    return "".join(ch for ch in word.lower() if ch.isalnum())
+
+
 def _repeats(tok, tokens: list[int], groups: list[list[int]], first: int, n: int = 3) -> bool:
     """Does a word n-gram starting at or after word ``first`` occur earlier in the words?"""
-    norm = ["".join(ch for ch in tok.decode([tokens[i] for i in g]).lower() if ch.isalnum()) for g in groups]
+    norm = [_norm_word(tok.decode([tokens[i] for i in g])) for g in groups]
     seen: set[tuple[str, ...]] = set()
     for j in range(len(norm) - n + 1):
         gram = tuple(norm[j : j + n])
@@ -471,7 +477,7 @@ def _echoed_tail(words: list[Word]) -> int:
         if w.end - w.start >= SQUEEZED_S:
             break
         squeezed += 1
-    norm = ["".join(ch for ch in w.word.lower() if ch.isalnum()) for w in words]
+    norm = [_norm_word(w.word) for w in words]
     n = len(words)
     for k in range(min(squeezed, n // 2), 0, -1):
         if norm[n - k :] == norm[n - 2 * k : n - k]:
