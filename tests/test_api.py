@@ -206,7 +206,8 @@ async def test_conversation_question_reply_interrupt_and_say(dialogue_models):
         path = Path(d) / "said.wav"
         sf.write(path, voice, RATE)
         heard = words(transcribe_offline(path, dialogue_models.whisper, agent.cfg.asr).text)
-    assert "goodbye" in heard.replace(" ", "") or "good bye" in heard, heard
+    # Piper's voice varies from run to run; tiny.en has heard "Goodbye" as "bye bye"
+    assert re.search(r"bye\b.*\bfor now", heard), heard
 
 
 async def test_captions_with_a_target_are_translated_text_without_speech(models):
