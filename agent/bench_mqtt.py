@@ -312,7 +312,7 @@ async def _bench(cfg: DuplexConfig, files: list[Path], broker_url: str | None, *
         sustained = max((r["sites"] for r in runs if r["real_time"]), default=0)
         return {
             "conversation": conversation, "llm": f"{cfg.models.llm} {cfg.models.llm_precision}" if conversation else None,
-            "files": [str(f) for f in files], "repeat": repeat, "model": cfg.models.asr, "precision": cfg.models.asr_precision,
+            "files": [str(f) for f in files], "repeat": repeat, "model": cfg.models.asr, "precision": cfg.models.conversation_asr_precision if conversation else cfg.models.asr_precision,
             "cpu_count": _cpus(), "latency": latency, "capacity": runs, "sustained_sites": sustained,
             "criteria": {"latency_p90_s": LAG_P90_S, "max_backlog_s": MAX_BACKLOG_S, "drain_s": DRAIN_S},
             "broker": "private mosquitto" if broker is not None else broker_url,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
@@ -52,8 +53,19 @@ class AgentModels:
     @classmethod
     def load(cls, cfg: DuplexConfig) -> "AgentModels":
         r = resolver_for(cfg.models.cache_dir)
-        return cls(r.whisper(cfg.models.asr, cfg.models.asr_precision), r.llm(cfg.models.llm, cfg.models.llm_precision),
+        return cls(r.whisper(cfg.models.asr, cfg.models.conversation_asr_precision), r.llm(cfg.models.llm, cfg.models.llm_precision),
                    r.tts(cfg.models.tts))
+
+
+def echo_until(cfg: DuplexConfig, reference: EchoReference | None) -> Callable[[], float]:
+    """For an agent with a voice: the pipeline time up to which the microphone may still hear it,
+    the end of its last sound plus the longest acoustic delay and echo tail the canceller models.
+    The recogniser's pre-roll never reaches back over it. Without a reference (a voice whose
+    playback is not recorded) that time is unknown: never any pre-roll."""
+    if reference is None:
+        return lambda: math.inf
+    tail = (cfg.aec.max_delay_ms + cfg.aec.residual_tail_ms) / 1000
+    return lambda: reference.last_sound + tail
 
 
 def build_stages(cfg: DuplexConfig, models: AgentModels, playback: Playback, on_event: Callable[[dict], None] | None,
@@ -70,8 +82,10 @@ def build_stages(cfg: DuplexConfig, models: AgentModels, playback: Playback, on_
     coord = Coordinator(dialogue, models.tts, playback, cfg.turns, on_event=on_event, answer=mode == "dialogue")
     stages.append(VADStage(replace(cfg.vad, activity_events=True)))
     stages.append(coord.tap())  # voice onsets reach the turn core without waiting for ASR
+    heard = echo_until(cfg, reference) if mode != "captions" else None
+    asr = cfg.asr.in_conversation()
     if mode == "dialogue":
-        stages.append(ASRStage(StreamingRecognizer(models.whisper, cfg.asr)))
+        stages.append(ASRStage(StreamingRecognizer(models.whisper, asr), echo_until=heard))
     else:
         # interpreter (translate each utterance and speak it) or captions (text only): the
         # coordinator answers no one and reports what the player does
@@ -81,7 +95,8 @@ def build_stages(cfg: DuplexConfig, models: AgentModels, playback: Playback, on_
 
         t = cfg.translate
         translators = translators_for(t, models.whisper)
-        stages.append(ASRStage(StreamingRecognizer(models.whisper, plan(translators, cfg.asr, t.source, t.target))))
+        stages.append(ASRStage(StreamingRecognizer(models.whisper, plan(translators, asr, t.source, t.target)),
+                               echo_until=heard))
         stages.append(Interpreter(translators, t, tts=models.tts, playback=playback, on_segment=lambda seg: coord.log_event(
             "translation", text=seg.text, source_text=seg.source_text, utterance=seg.reply, engine=seg.engine,
             source_end=seg.pts)))

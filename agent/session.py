@@ -72,6 +72,7 @@ from streaming.resample import StreamResampler, to_mono
 from streaming.vad import SileroModel, VADStage
 
 from .config import DuplexConfig
+from .conversation import echo_until
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +140,8 @@ class SharedModels:
         from .models import resolver_for
 
         resolver = resolver_for(cfg.models.cache_dir)
-        whisper = resolver.whisper(cfg.models.asr, cfg.models.asr_precision)
+        precision = cfg.models.conversation_asr_precision if llm else cfg.models.asr_precision
+        whisper = resolver.whisper(cfg.models.asr, precision)
         silero = None if cfg.vad.mode == "webrtc" else resolver.vad()
         warm_up_alignment()  # numba compiles (or loads) the DTW kernel here, not in a session
         models = cls(cfg, whisper, silero, resolver)
@@ -219,8 +221,8 @@ class _VAD(VADStage):
 
 
 class _ASR(ASRStage):
-    def __init__(self, recognizer: StreamingRecognizer, hotwords: tuple[str, ...]) -> None:
-        super().__init__(recognizer)
+    def __init__(self, recognizer: StreamingRecognizer, hotwords: tuple[str, ...], echo_until=None) -> None:
+        super().__init__(recognizer, echo_until=echo_until)
         self.hotwords = hotwords
         recognizer.set_hotwords(self.state, hotwords)
 
@@ -392,14 +394,14 @@ class Session:
         self.models = models
         self.cfg = cfg or models.cfg
         self.name = name
-        self.asr_config: ASRConfig = self.cfg.asr
+        #: a full-duplex conversation (else transcripts only); fixed for the session's life
+        self.dialogue: bool = models.llm is not None if dialogue is None else bool(dialogue)
+        self.asr_config: ASRConfig = self.cfg.asr.in_conversation() if self.dialogue else self.cfg.asr
         try:
             self._recognizer = StreamingRecognizer(models.whisper, self.asr_config)
         except ValueError as exc:
             raise DuplexError(str(exc)) from None
         self._hotwords = parse_hotwords(self.asr_config.hotwords)
-        #: a full-duplex conversation (else transcripts only); fixed for the session's life
-        self.dialogue: bool = models.llm is not None if dialogue is None else bool(dialogue)
         #: "dialogue", "interpreter" or "captions" (see set_mode)
         self.mode: str = "dialogue" if self.dialogue else "captions"
         #: target language of interpreter mode and translated captions
@@ -932,7 +934,8 @@ class Session:
             stages.append(_AEC(self.cfg.aec, self._echo, canceller=self._canceller))
         self._interp = _LateInterpreter(self)
         stages += [_VAD(replace(self.cfg.vad, activity_events=True), self.models.silero), coord.tap(),
-                   _ASR(self._recognizer, self._hotwords), self._interp, coord, _Collect(self)]
+                   _ASR(self._recognizer, self._hotwords, echo_until(self.cfg, self._echo)), self._interp, coord,
+                   _Collect(self)]
         return stages
 
     async def _supervise(self) -> None:

@@ -13,10 +13,11 @@ Policies:
 * ``final``: emit nothing before the final transcript (whole utterances; the reference point).
 
 The final transcript emits whatever is left. Emitted segments are never revised: the words of
-a final that were already emitted (counted, since the final pass keeps the committed prefix)
-are skipped. When the final's text differs from what was emitted (the recogniser rewrote a
-word), captions may show the whole final again: a segment with ``supersedes`` naming the
-segments it replaces. Speech never gets one (what was said stays said).
+a final that were already emitted are skipped (counted, since the final pass keeps the committed
+prefix; aligned word by word where it took back an early commit). When the final's text differs
+from what was emitted (the recogniser rewrote a word), captions may show the whole final again:
+a segment with ``supersedes`` naming the segments it replaces. Speech never gets one (what was
+said stays said).
 
 ``source_end`` is the audio time the segment covers: the end time of its last word in a final,
 or, for a segment emitted from partials, the audio time of the first hypothesis that already held
@@ -25,6 +26,7 @@ its last word (an upper bound, within one recogniser step of the word's end).
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
@@ -88,6 +90,29 @@ def ends_clause(word: str) -> bool:
     return word.rstrip("\"')»”").endswith(CLAUSE_END)
 
 
+def _covered(emitted: list[str], final: list[str]) -> int:
+    """How many of the final's words the emitted words stand for. The final pass keeps the
+    committed words as a rule, so that is their count; where it took some back ("dal one" ->
+    "dial one", "but do not want the whole" -> "but though on the whole"), it is the position in
+    the final that a word alignment maps the end of the emitted words to, so that nothing is said
+    twice and nothing is skipped."""
+    a, b = [_norm(w) for w in emitted], [_norm(w) for w in final]
+    if a == b[: len(a)]:
+        return len(a)
+    end = 0
+    for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(a=a, b=b, autojunk=False).get_opcodes():
+        if i1 >= len(a):
+            break  # what the final has beyond the emitted words
+        n = min(i2, len(a)) - i1  # emitted words this step of the alignment covers
+        if tag == "equal":
+            end = j1 + n
+        elif tag == "replace":
+            end = min(j2, j1 + n)  # a rewritten last word is one word, not the final's rest
+        else:
+            end = j2  # "delete": j1 == j2; "insert": final words inside the emitted span
+    return min(end, len(b))
+
+
 def _norm(word: str) -> str:
     return "".join(ch for ch in word.lower() if ch.isalnum())
 
@@ -123,12 +148,12 @@ class SimultaneousPolicy:
             self._new_utterance(state, f.utterance)
         words = f.text.split()
         out: list[Segment] = []
-        done = state.emitted
+        done = _covered(state.stable[: state.emitted], words)
         rest = words[done:]
         end = f.words[-1].end if f.words else f.pts
         if rest:
             out.append(self._segment(state, " ".join(rest), end, final=True, language=f.language))
-        revised = [_norm(w) for w in words[:done]] != [_norm(w) for w in state.stable[:done]]
+        revised = [_norm(w) for w in words[:done]] != [_norm(w) for w in state.stable[: state.emitted]]
         if captions and self.config.revise_captions and revised and state.shown:
             replaced = tuple(s.index for s in state.shown)
             out.append(self._segment(state, " ".join(words), end, final=True, supersedes=replaced, language=f.language))

@@ -138,6 +138,9 @@ async def test_conversation_question_reply_interrupt_and_say(dialogue_models):
     seen: list[tuple[float, object]] = []
     async with DuplexAgent.from_config({"dialogue": {"max_new_tokens": 24}}, models=dialogue_models) as agent:
         assert agent.dialogue and agent.session.mode == "dialogue"
+        # a conversation's recogniser: int8 and no pre-roll (transcription's int8-row and 300 ms)
+        assert agent.session.asr_config.preroll_ms == 0.0
+        assert agent.models.whisper.precision == "int8"
 
         async def collect():
             async for ev in agent.events():

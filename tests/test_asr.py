@@ -293,6 +293,82 @@ def test_withdrawal_in_a_real_decode_leaves_the_plain_transcript(tiny):
     assert biased.text == plain.text
 
 
+def test_a_final_takes_back_an_early_commit_the_whole_audio_disproves(tiny):
+    """A committed prefix that the audio contradicts ("Mister Smith" where John Dashwood is
+    read) stands in a plain forced decode and is taken back where it may be revised; a prefix the
+    audio agrees with is kept, and a prefix that may not be revised never is."""
+    from streaming.asr.decoder import decode, rules_filter
+
+    from streaming.models.whisper import log_mel
+
+    tok = tiny.tokenizer
+    audio = read_audio(librivox("0870"))
+    feats = tiny.model.encode(log_mel(audio, tiny.dims.n_mels, pad_to=10 * RATE))
+    sot = tok.prompt(None)
+    filters = [rules_filter(tok, tiny.rules)]
+    plain = decode(tiny.model, tok, feats, sot, [], filters, 60)
+    wrong = tok.encode(" Mister Smith")
+    forced = decode(tiny.model, tok, feats, sot, wrong, filters, 60)
+    assert forced.kept_forced == len(wrong) and tok.decode(wrong + forced.tokens).strip().startswith("Mister Smith")
+    revised = decode(tiny.model, tok, feats, sot, wrong, filters, 60, revisable=[True] * len(wrong))
+    assert revised.kept_forced < len(wrong)
+    assert tok.decode(wrong[: revised.kept_forced] + revised.tokens).strip() == plain.text
+    right = plain.tokens[:6]
+    agreed = decode(tiny.model, tok, feats, sot, right, filters, 60, revisable=[True] * 6)
+    assert agreed.kept_forced == 6 and tok.decode(right + agreed.tokens).strip() == plain.text
+    pinned = decode(tiny.model, tok, feats, sot, wrong, filters, 60, revisable=[False] * len(wrong))
+    assert pinned.kept_forced == len(wrong) and pinned.tokens == forced.tokens
+
+
+def test_the_final_revises_only_early_commits_and_never_whole_clauses(tiny):
+    """The final pass's revision is bounded: only tokens committed from a window shorter than
+    EARLY_COMMIT_S, none in a hotword, none where clauses commit (a translation's clauses are
+    spoken as they commit)."""
+    from streaming.asr.recognizer import EARLY_COMMIT_S
+
+    rec = StreamingRecognizer(tiny, ASRConfig(final_revision=2.0, hotwords=("Dashwood",)))
+    s = rec.init_state()
+    s.committed = tiny.tokenizer.encode(" and Mister John Dashwood had then")
+    s.early = len(tiny.tokenizer.encode(" and Mister John Dashwood"))
+    flags = rec._revisable(s)
+    words_flags = [(tiny.tokenizer.decode([t]), f) for t, f in zip(s.committed, flags)]
+    assert [w for w, f in words_flags if f] == [" and", " Mister", " John"], words_flags
+    assert EARLY_COMMIT_S > 1.0
+    s.early = 0
+    assert rec._revisable(s) is None
+    clauses = StreamingRecognizer(tiny, ASRConfig(final_revision=2.0, commit="clause"))
+    s2 = clauses.init_state()
+    s2.committed, s2.early = list(s.committed), 3
+    assert clauses._revisable(s2) is None
+
+
+def test_the_pre_roll_never_reaches_back_over_the_agents_voice(tiny):
+    """An onset long after the agent's echo gets the whole pre-roll; one just after it gets what
+    lies after the echo; one over the agent's voice gets none (Whisper would turn the echo residue
+    into words)."""
+    rec = StreamingRecognizer(tiny, ASRConfig(preroll_ms=300))
+    cases = [(-np.inf, 1.7), (1.9, 1.9), (5.0, 2.0)]  # (echo heard until, window start) for an onset at 2.0
+    for until, window_start in cases:
+        s = rec.init_state()
+        rec.push(s, np.zeros(3 * RATE, np.float32), 0.0)
+        rec.start(s, 2.0, not_before=until)
+        assert s.window_start == pytest.approx(window_start) and s.lead == 0.0
+
+
+def test_sampled_decodes_repeat_with_the_same_seed(tiny):
+    import torch
+
+    from streaming.asr.decoder import decode, rules_filter
+    from streaming.models.whisper import log_mel
+
+    tok = tiny.tokenizer
+    feats = tiny.model.encode(log_mel(read_audio(librivox("0870")), tiny.dims.n_mels, pad_to=10 * RATE))
+    f = [rules_filter(tok, tiny.rules)]
+    runs = [decode(tiny.model, tok, feats, tok.prompt(None), [], f, 40, temperature=1.0,
+                   generator=torch.Generator().manual_seed(0)).tokens for _ in range(2)]
+    assert runs[0] == runs[1] and runs[0]
+
+
 def test_hotword_prompt_is_capped():
     from streaming.asr.hotwords import prompt_text
 
@@ -400,6 +476,15 @@ def test_a_final_that_repeats_its_last_words_without_audio_loses_the_repeat():
     assert _echoed_tail(ws(said + [(w, a + 1.3, b + 1.3) for w, a, b in said])) == 0
     # squeezed at the end but new words (a cut-off last word): kept
     assert _echoed_tail(ws(said + [("and", 9.66, 9.66)])) == 0
+    # the final pass wrote the copy (tiny.en with a hotword prompt), and its last word soaks up the
+    # window's trailing frames: dropped, but only where the copy is the final pass's own and short
+    enabled = [("3D", 0.0, 1.38), ("Audio", 1.38, 1.78), ("enabled", 1.78, 1.78), ("3D", 1.78, 1.78),
+               ("Audio", 1.78, 2.16), ("enabled", 2.16, 2.26)]
+    assert _echoed_tail(ws(enabled), new_from=2) == 3
+    assert _echoed_tail(ws(enabled), new_from=4) == 0  # the copy's first word was committed
+    assert _echoed_tail(ws(enabled)) == 0
+    twice = said + [(w, a + 1.3, b + 1.3) for w, a, b in said]
+    assert _echoed_tail(ws(twice), new_from=2) == 0  # said twice, with audio of its own
 
 
 def test_repeat_detection_looks_only_at_new_words():

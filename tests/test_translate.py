@@ -90,6 +90,17 @@ def test_emitted_segments_are_never_revised_but_captions_may_supersede():
     assert replay(policy, events, captions=True) == [["press to"], ["now", ("press two now", (0, 1))]]  # the whole final replaces both
 
 
+def test_a_final_that_took_back_early_words_is_aligned_not_counted():
+    """The final pass may rewrite early stable words into a different number of words: what was
+    already said is found by alignment, so the rest is neither repeated nor cut."""
+    policy = SimultaneousPolicy(SimultaneousConfig(policy="wait-k", wait_k=5))
+    events = [P("but do not want the", " whole"), F("but though on the whole except in Italy")]
+    assert replay(policy, events) == [["but do not want the"], ["whole except in Italy"]]
+    events = [P("is not why", " your"), F("ask not what your country")]
+    assert replay(SimultaneousPolicy(SimultaneousConfig(policy="wait-k", wait_k=3)), events) == [
+        ["is not why"], ["your country"]]
+
+
 def test_utterances_and_continued_segments_restart_the_count():
     policy = SimultaneousPolicy(SimultaneousConfig(policy="wait-k", wait_k=2))
     got = replay(policy, [P("a b"), F("a b c", continued=True), P("d e"), F("d e"),  # one long utterance, cut

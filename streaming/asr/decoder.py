@@ -63,6 +63,8 @@ class Decoded:
     logits: list[torch.Tensor] = field(default_factory=list)
     #: the generated tokens as text
     text: str = ""
+    #: how many tokens of the forced prefix were kept (fewer than it had: the rest was revised)
+    kept_forced: int = 0
 
 
 def build_prompt(tok: WhisperTokenizer, context: list[int], sot_seq: list[int]) -> list[int]:
@@ -81,8 +83,21 @@ def decode(
     filters: list[LogitFilter],
     max_tokens: int,
     keep_logits: bool = False,
+    revisable: list[bool] | None = None,
+    revise_margin: float = 2.0,
+    temperature: float = 0.0,
+    generator: torch.Generator | None = None,
 ) -> Decoded:
     """Greedy continuation of ``prompt + forced`` over ``features`` [1, frames, d].
+
+    ``revisable`` (one flag per forced token) lets the decode take back a forced token that the
+    model, seeing these features, now finds far less likely than its own first choice (by more
+    than ``revise_margin`` nats, after the plain filters): the decode continues from the first
+    such token instead of after the prefix, with ``max_tokens`` grown by the tokens given back.
+    ``Decoded.kept_forced`` says how many forced tokens stand.
+
+    ``temperature`` > 0 samples each token instead of taking the best (Whisper's fallback when a
+    greedy decode fails), from ``generator`` so that a run can be repeated.
 
     A filter with a ``session(start)`` method (``HotwordBoost``) is replaced by the session for
     this decode, which may ask, after a token is chosen, to roll the text back to an earlier
@@ -91,7 +106,21 @@ def decode(
     if features.dim() == 2:
         features = features.unsqueeze(0)
     cache: DecoderCache = model.decoder.cross_cache(features)
-    logits = model.decoder(torch.tensor([prompt + forced]), cache, last=1)[0, -1]
+    if revisable is not None and forced:
+        # logits before each revisable token (the flags end on a run of False), and after the prefix
+        n = max((j + 1 for j, r in enumerate(revisable) if r), default=0)
+        first = len(prompt) - 1
+        pick = [*range(first, first + n), first + len(forced)]
+        rows = model.decoder(torch.tensor([prompt + forced]), cache, pick=pick)[0]
+        plain = [f for f in filters if not hasattr(f, "session")]
+        at = _first_revision(rows[:n], forced, revisable, plain, revise_margin)
+        if at < len(forced):
+            cache.truncate(len(prompt) + at)
+            max_tokens += len(forced) - at
+            forced = forced[:at]
+        logits = rows[at] if at < n else rows[-1]
+    else:
+        logits = model.decoder(torch.tensor([prompt + forced]), cache, last=1)[0, -1]
     filters = [f.session(len(forced)) if hasattr(f, "session") else f for f in filters]
     sessions = [f for f in filters if hasattr(f, "after")]
     keep = max([getattr(f.b, "max_len", 0) for f in sessions] + [0]) + 2
@@ -113,7 +142,10 @@ def decode(
         for f in filters:
             f.apply(row, text)
         lp = torch.log_softmax(row, dim=-1)
-        nxt = int(torch.argmax(lp))
+        if temperature > 0:
+            nxt = int(torch.multinomial(torch.softmax(row / temperature, dim=-1), 1, generator=generator))
+        else:
+            nxt = int(torch.argmax(lp))
         back = None
         for sess in sessions:
             b = sess.after(pos, nxt, text)
@@ -131,7 +163,7 @@ def decode(
                 kept = kept[: len(kept) - drop - 1]
             continue
         if nxt == tok.eot:
-            return Decoded(out, logprobs, prompt, logits=kept, text=tok.decode(out).strip())
+            return Decoded(out, logprobs, prompt, logits=kept, text=tok.decode(out).strip(), kept_forced=len(forced))
         out.append(nxt)
         text.append(nxt)
         logprobs.append(float(lp[nxt]))
@@ -140,9 +172,29 @@ def decode(
             # keep one copy of the repeated text, not the loop
             drop = min(repeat, len(out))
             out, logprobs = out[: len(out) - drop], logprobs[: len(logprobs) - drop]
-            return Decoded(out, logprobs, prompt, hit_limit=True, logits=kept, text=tok.decode(out).strip())
+            return Decoded(out, logprobs, prompt, hit_limit=True, logits=kept, text=tok.decode(out).strip(),
+                           kept_forced=len(forced))
         logits = model.decoder(torch.tensor([[nxt]]), cache)[0, -1]
-    return Decoded(out, logprobs, prompt, hit_limit=True, logits=kept, text=tok.decode(out).strip())
+    return Decoded(out, logprobs, prompt, hit_limit=True, logits=kept, text=tok.decode(out).strip(),
+                   kept_forced=len(forced))
+
+
+def _first_revision(rows: torch.Tensor, forced: list[int], revisable: list[bool], filters: list[LogitFilter],
+                    margin: float) -> int:
+    """The first forced position whose token is more than ``margin`` nats below the model's best
+    choice there (``rows[j]`` are the logits that predict ``forced[j]``, for the first positions);
+    ``len(forced)``: none."""
+    for j in range(len(rows)):
+        t = forced[j]
+        if not revisable[j]:
+            continue
+        row = rows[j].float().clone()
+        for f in filters:
+            f.apply(row, forced[:j])
+        lp = torch.log_softmax(row, dim=-1)
+        if float(lp.max() - lp[t]) > margin:
+            return j
+    return len(forced)
 
 
 def _looping(tokens: list[int], max_n: int = 8, times: int = 3, restart: int = 6) -> int:

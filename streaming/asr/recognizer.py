@@ -7,7 +7,8 @@ While VAD reports speech, every ``step_ms`` of new audio the current utterance w
 (only the audio that exists: no padding to 30 s) and decoded greedily after the committed tokens,
 which are forced as a prefix. LocalAgreement-n commits the words on which the last n hypotheses
 agree. When speech ends, a final pass decodes the whole window once more after the committed
-prefix and aligns words to the audio. Windows longer than ``max_window_s`` are cut after the last
+prefix, taking back words committed early (from a short window) where the whole utterance's audio
+contradicts them, and aligns words to the audio. Windows longer than ``max_window_s`` are cut after the last
 committed word; the committed text travels on as decoder context, so cost stays flat.
 """
 
@@ -40,6 +41,10 @@ LOOKBACK_S = 1.0
 CLAUSE_END = (",", ";", ":", ".", "?", "!")
 #: a word the alignment gives less audio than this has none: the decoder ran past the audio
 SQUEEZED_S = 0.02
+#: words committed while the window held less audio than this are the ones the final pass may take
+#: back (``ASRConfig.final_revision``): two hypotheses of a short window agree on errors the rest of
+#: the utterance disproves ("dal one" for "dial one")
+EARLY_COMMIT_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -69,7 +74,11 @@ class ASRConfig:
     #: utterances shorter than this are ignored (clicks), ms
     min_utterance_ms: Annotated[float, Field(ge=0)] = 100.0
     #: audio kept before VAD's speech start, ms (VAD already pads its own estimate)
-    preroll_ms: Annotated[float, Field(ge=0, le=2000)] = 0.0
+    preroll_ms: Annotated[float, Field(ge=0, le=2000)] = 300.0
+    #: the same where the agent holds a conversation (``in_conversation``): tiny.en's hypotheses on
+    #: the extra audio shifted the turn-taking, and before an onset over the agent's voice the
+    #: pre-roll is its echo residue
+    conversation_preroll_ms: Annotated[float, Field(ge=0, le=2000)] = 0.0
     #: tokens of earlier text carried into the decoder prompt as context
     context_tokens: Annotated[int, Field(ge=0, le=200)] = 64
     #: cap on text tokens per second of audio (fast speech is about 5; stops hallucinations early)
@@ -90,6 +99,16 @@ class ASRConfig:
     #: no end of text before the window holds this many tokens per second of audio (beyond the
     #: first 1.5 s): Whisper without timestamps may stop after a long window's first sentence
     min_tokens_per_second: Annotated[float, Field(ge=0, le=5)] = 1.5
+    #: the final pass may take back stable words committed from a short window (EARLY_COMMIT_S):
+    #: from the first such token that the whole utterance's audio makes this many nats less likely
+    #: than the model's own choice, it decodes afresh (0 = never; translations never: their clauses
+    #: are spoken as they commit)
+    final_revision: Annotated[float, Field(ge=0, le=20)] = 2.0
+
+
+    def in_conversation(self) -> "ASRConfig":
+        """This configuration where the agent holds a conversation: its own pre-roll."""
+        return replace(self, preroll_ms=self.conversation_preroll_ms)
 
 
 @dataclass
@@ -107,6 +126,8 @@ class ASRState:
     utterance: int = 0
     committed: list[int] = field(default_factory=list)
     committed_logprobs: list[float] = field(default_factory=list)
+    #: the first ``early`` committed tokens were committed from a window shorter than EARLY_COMMIT_S
+    early: int = 0
     history: list[list[int]] = field(default_factory=list)  # recent hypotheses
     context: list[int] = field(default_factory=list)
     language: str | None = None
@@ -193,18 +214,21 @@ class StreamingRecognizer:
             return []
         return self._partial(state, end)
 
-    def start(self, state: ASRState, pts: float) -> None:
-        """Speech began at ``pts`` (VAD's padded estimate)."""
+    def start(self, state: ASRState, pts: float, not_before: float = -np.inf) -> None:
+        """Speech began at ``pts`` (VAD's padded estimate). The pre-roll reaches no further back
+        than ``not_before``: the caller knows the audio before it holds the agent's own voice
+        (echo residue, which Whisper turns into words), so an onset over the agent's speech gets
+        none."""
         if state.in_speech:
             return
         state.in_speech = True
         state.utterance += 1
         self._maybe_release(state, pts)
-        start = pts - self.config.preroll_ms / 1000
+        start = max(pts - self.config.preroll_ms / 1000, min(not_before, pts))
         state.window_start = max(start, state.buf_start if state.buf_start is not None else start)
         state.lead = state.window_start - start
         state.last_decode_end = state.window_start
-        state.committed, state.committed_logprobs, state.history = [], [], []
+        state.committed, state.committed_logprobs, state.history, state.early = [], [], [], 0
         state.enc_cache = EncoderCache()
         if self.config.language == "auto" or not self.m.multilingual:
             state.language = None if self.m.multilingual else "en"
@@ -285,11 +309,12 @@ class StreamingRecognizer:
         carried = s.context[-n:] if n else []  # (a [-0:] slice would keep everything)
         return build_prompt(self.m.tokenizer, (s.hotword_prompt if hotwords else []) + carried, self._sot(s, feats))
 
-    def _decode(self, s: ASRState, feats: torch.Tensor, seconds: float) -> Decoded:
+    def _decode(self, s: ASRState, feats: torch.Tensor, seconds: float, revise: bool = False) -> Decoded:
         tok = self.m.tokenizer
         prompt = self._prompt(s, feats)
         filters = [self._suppress]
         forced = s.committed
+        revisable = self._revisable(s) if revise and forced and self.config.final_revision > 0 else None
         floor = int(self.config.min_tokens_per_second * (seconds - 1.5))
         if floor > 0:
             filters.append(MinLength(tok.eot, floor))
@@ -299,7 +324,8 @@ class StreamingRecognizer:
         # speech can be is a hallucination, and capping it bounds the cost of a bad step
         budget = max(4, int(self.config.max_tokens_per_second * seconds) + 4 - len(forced))
         s.decodes += 1
-        d = decode(self.m.model, tok, feats, prompt, forced, filters, max_tokens=budget)
+        d = decode(self.m.model, tok, feats, prompt, forced, filters, max_tokens=budget, revisable=revisable,
+                   revise_margin=self.config.final_revision)
         if d.hit_limit and s.hotword_prompt:
             # a loop or a runaway: Whisper copying its prompt (a hotword list written over the
             # first words, or repeated after the last), as tiny.en does where the audio is unclear.
@@ -307,8 +333,23 @@ class StreamingRecognizer:
             s.decodes += 1
             log.debug("prompted decode looped (%r); again without the hotword prompt", d.text)
             d = decode(self.m.model, tok, feats, self._prompt(s, feats, hotwords=False), forced, filters,
-                       max_tokens=budget)
+                       max_tokens=budget, revisable=revisable, revise_margin=self.config.final_revision)
         return d
+
+    def _revisable(self, s: ASRState) -> list[bool] | None:
+        """Which committed tokens the final may take back: those committed from a short window
+        (EARLY_COMMIT_S), but none in a translation (its clauses are spoken as they commit), and
+        none in a word of the hotword list (the boost, not the audio, may have put it there)."""
+        if self._clauses or self.config.task == "translate" or not s.early:
+            return None
+        tok = self.m.tokenizer
+        listed = {_norm_word(w) for h in s.hotwords for w in h.split()}
+        flags = [i < s.early for i in range(len(s.committed))]
+        for g in group_words(tok, s.committed):
+            if _norm_word(tok.decode([s.committed[i] for i in g])) in listed:
+                for i in g:
+                    flags[i] = False
+        return flags
 
     def _partial(self, s: ASRState, end: float) -> list[Frame]:
         import time
@@ -322,6 +363,8 @@ class StreamingRecognizer:
         hyp = s.committed + d.tokens
         s.history = (s.history + [hyp])[-self.config.agreement :]
         newly = self._agree(s, d)
+        if newly and end - s.window_start < EARLY_COMMIT_S:
+            s.early = len(s.committed)
         out: list[Frame] = []
         tok = self.m.tokenizer
         unstable = tok.decode(hyp[len(s.committed) :])
@@ -407,7 +450,7 @@ class StreamingRecognizer:
             words=tuple(words), language=s.language or "", continued=True,
         )
         s.context = (s.context + s.committed)[-200:]
-        s.committed, s.committed_logprobs, s.history = [], [], []
+        s.committed, s.committed_logprobs, s.history, s.early = [], [], [], 0
         s.window_start, s.lead = cut_at, 0.0
         s.enc_cache = EncoderCache()
         self._trim_to(s, cut_at - 0.05)
@@ -422,17 +465,19 @@ class StreamingRecognizer:
             out += self._final(s, s.window_start + self.config.max_window_s, continued=True)
         audio = self._window(s, end)
         if len(audio) < self.config.min_utterance_ms / 1000 * INTERNAL_RATE:
-            s.committed, s.committed_logprobs, s.history = [], [], []
+            s.committed, s.committed_logprobs, s.history, s.early = [], [], [], 0
             return out
         feats, real = self._encode(s, audio, final=True)
-        d = self._decode(s, feats, len(audio) / INTERNAL_RATE - s.lead)
-        tokens = s.committed + d.tokens
-        logprobs = s.committed_logprobs + d.logprobs
+        d = self._decode(s, feats, len(audio) / INTERNAL_RATE - s.lead, revise=True)
+        tokens = s.committed[: d.kept_forced] + d.tokens
+        logprobs = s.committed_logprobs[: d.kept_forced] + d.logprobs
+        if d.kept_forced < len(s.committed):
+            log.debug("final took back %r", self.m.tokenizer.decode(s.committed[d.kept_forced :]))
         words = word_timings(self.m.model, self.m.tokenizer, feats, d.prompt, tokens, logprobs,
                              self.m.alignment_heads, self._origin(s), real)
         words = _clamp(words, s.window_start)
-        echo = _echoed_tail(words)
-        if echo:
+        new_from = len(group_words(self.m.tokenizer, s.committed[: d.kept_forced]))
+        while echo := _echoed_tail(words, new_from):
             log.debug("final pass repeated its last %d words without audio: dropped", echo)
             keep = group_words(self.m.tokenizer, tokens)[len(words) - echo][0]
             tokens, logprobs, words = tokens[:keep], logprobs[:keep], words[: len(words) - echo]
@@ -442,7 +487,7 @@ class StreamingRecognizer:
             language=s.language or "", continued=continued,
         )
         s.context = (s.context + tokens)[-200:]
-        s.committed, s.committed_logprobs, s.history = [], [], []
+        s.committed, s.committed_logprobs, s.history, s.early = [], [], [], 0
         if continued:
             s.window_start, s.lead = end, 0.0
             s.last_decode_end = end
@@ -467,11 +512,14 @@ def _repeats(tok, tokens: list[int], groups: list[list[int]], first: int, n: int
     return False
 
 
-def _echoed_tail(words: list[Word]) -> int:
-    """How many words at the end of a final are a loop, not speech: a run of words that the
-    alignment squeezes into no audio at the end of the window, repeating the words just before
-    it ("... by a similar process by a similar process"). Whisper does this when the forced
-    prefix already holds the last words. 0 when there is none."""
+def _echoed_tail(words: list[Word], new_from: int | None = None) -> int:
+    """How many words at the end of a final are a loop, not speech: a run of words repeating the
+    words just before it ("... by a similar process by a similar process") that the alignment
+    squeezes into no audio at the end of the window, or, where the final pass itself wrote the
+    repeat (its words from ``new_from`` on), a repeat of three words or more that has less than
+    half the original's audio (the last word soaks up the window's trailing frames, so a copy is
+    not always squeezed to nothing). Whisper does this when the forced prefix already holds the
+    last words, most with a hotword prompt. 0 when there is none."""
     squeezed = 0
     for w in reversed(words):
         if w.end - w.start >= SQUEEZED_S:
@@ -482,6 +530,13 @@ def _echoed_tail(words: list[Word]) -> int:
     for k in range(min(squeezed, n // 2), 0, -1):
         if norm[n - k :] == norm[n - 2 * k : n - k]:
             return k
+    if new_from is not None:
+        for k in range(min(n - new_from, n // 2), 2, -1):
+            if norm[n - k :] == norm[n - 2 * k : n - k]:
+                copy = words[-1].end - words[n - k].start
+                original = words[n - k - 1].end - words[n - 2 * k].start
+                if copy < original / 2:
+                    return k
     return 0
 
 

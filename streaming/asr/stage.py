@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Callable, Iterable
 
 from ..frames import INTERNAL_RATE, AudioFrame, Frame, SpeechEnded, SpeechStarted, VoiceActivity
 from ..pipeline import Stage
@@ -15,11 +16,16 @@ class ASRStage(Stage):
     The recogniser runs on this stage's worker thread, never on the event loop.
     """
 
-    def __init__(self, recognizer: StreamingRecognizer, name: str = "asr") -> None:
+    def __init__(self, recognizer: StreamingRecognizer, name: str = "asr",
+                 echo_until: Callable[[], float] | None = None) -> None:
+        """``echo_until``: where the agent has a voice, the pipeline time up to which the
+        microphone may still hear it (its last sound, plus the acoustic delay and the echo's
+        tail); an utterance's pre-roll never reaches back over it."""
         super().__init__()
         self.name = name
         self.recognizer = recognizer
         self.state = recognizer.init_state()
+        self.echo_until = echo_until
 
     def init_worker(self) -> None:
         # one intra-op thread: on 2 shared cores a second OpenMP thread only helps an idle machine
@@ -39,7 +45,8 @@ class ASRStage(Stage):
             await self._emit(await self.run_blocking(rec.push, self.state, frame.mono, frame.pts, hypothesise))
             return
         if isinstance(frame, SpeechStarted):
-            await self.run_blocking(rec.start, self.state, frame.pts)
+            not_before = self.echo_until() if self.echo_until is not None else -math.inf
+            await self.run_blocking(rec.start, self.state, frame.pts, not_before)
             await self.push(frame)
             return
         if isinstance(frame, VoiceActivity) and not frame.speech:

@@ -283,13 +283,13 @@ class Decoder(nn.Module):
         return cache
 
     def forward(self, tokens: torch.Tensor, cache: DecoderCache, collect: list | None = None,
-                last: int | None = None) -> torch.Tensor:
+                last: int | None = None, pick: list[int] | None = None) -> torch.Tensor:
         """Run ``tokens`` [batch, n] after the ``cache.length`` cached ones; returns logits
         [batch, n, vocab] and extends the cache in place. With ``collect``, each layer's
         cross-attention weights [batch, heads, n, frames] are appended to it. ``last`` = k: logits
         of the last k tokens only ([batch, k, vocab]; 0: none). The output projection onto the
         51,864-token vocabulary is most of a prefill's cost (tiny.en, 250 tokens: 180 of 190 ms),
-        and a prefill needs one row."""
+        and a prefill needs one row. ``pick``: logits of these of the ``n`` tokens only."""
         offset = cache.length
         n = tokens.shape[1]
         if offset + n > self.embed_positions.num_embeddings:
@@ -333,6 +333,8 @@ class Decoder(nn.Module):
             x = x + layer.fc2(F.gelu(layer.fc1(layer.final_layer_norm(x))))
         if last is not None:
             x = x[:, x.shape[1] - min(last, x.shape[1]) :]
+        elif pick is not None:
+            x = x[:, pick]
         x = self.layer_norm(x)
         if self.logits_proj is not None:
             return self.logits_proj(x)
