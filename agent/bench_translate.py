@@ -46,6 +46,7 @@ SYSTEMS = {
     "streaming": "ours, streaming (simultaneous)",
     "offline": "ours, offline (whole file)",
     "fw": "faster-whisper, offline, greedy",
+    "fw-int8": "faster-whisper, offline, greedy, int8 (CTranslate2's per-row int8, as our int8-row)",
     "cascade": "ours streaming ASR + Apertium",
 }
 DEFAULT_SYSTEMS = ("streaming", "offline", "fw")
@@ -174,13 +175,13 @@ def replay(recognizer: StreamingRecognizer, vad: TwoStageVAD, audio: np.ndarray,
     return Run(" ".join(texts), words, compute, end)
 
 
-def faster_whisper(ct2_dir: Path):
+def faster_whisper(ct2_dir: Path, compute_type: str = "float32"):
     try:
         from faster_whisper import WhisperModel
     except ImportError:
         raise DuplexError("faster-whisper is the benchmark peer: pip install 'duplex[bench]'") from None
     # one thread, as our recogniser's worker: the real-time factors compare like with like
-    return WhisperModel(str(ct2_dir), device="cpu", compute_type="float32", cpu_threads=1)
+    return WhisperModel(str(ct2_dir), device="cpu", compute_type=compute_type, cpu_threads=1)
 
 
 def run_fw(model, audio: np.ndarray, language: str) -> Run:
@@ -255,7 +256,7 @@ def parse_systems(spec: str | None) -> list[str]:
     return out
 
 
-def bench_language(source: str, target: str, rows: list[Row], bundle, fw_model, asr: ASRConfig, vad_cfg: VADConfig,
+def bench_language(source: str, target: str, rows: list[Row], bundle, fw_models: dict, asr: ASRConfig, vad_cfg: VADConfig,
                    policy_cfg: SimultaneousConfig, systems: list[str], progress=None) -> dict:
     audio = [read_audio(r.path) for r in rows]
     refs = [r.reference for r in rows]
@@ -283,9 +284,9 @@ def bench_language(source: str, target: str, rows: list[Row], bundle, fw_model, 
             for r in rows:
                 runs.append(run_offline(bundle, r.path, replace(asr, task="translate", language=source)))
                 progress and progress()
-        elif name == "fw":
+        elif name in ("fw", "fw-int8"):
             for a in audio:
-                runs.append(run_fw(fw_model, a, source))
+                runs.append(run_fw(fw_models[name], a, source))
                 progress and progress()
         out["systems"][name] = score(runs, refs)
         samples[name] = [r.text for r in runs]
@@ -333,18 +334,19 @@ def run_bench_translate(args, cfg) -> int:
     systems = parse_systems(args.systems)
     sources = [s.strip() for s in args.source.split(",") if s.strip()]
     data = {s: load_rows(args.manifest, s, args.target, args.limit) for s in sources}
-    if args.target != "en" and any(s in systems for s in ("streaming", "offline", "fw")):
+    if args.target != "en" and any(s in systems for s in ("streaming", "offline", "fw", "fw-int8")):
         raise DuplexError("Whisper translates into English only: use --target en, or --systems cascade")
     resolver = models.resolver_for(cfg.models.cache_dir)
     bundle = resolver.whisper(args.model, cfg.models.asr_precision)
     if not bundle.multilingual:
         raise DuplexError(f"{args.model} is English-only; translation needs a multilingual model (whisper:base)")
-    fw_model = faster_whisper(models.ct2_folder(args.model, resolver.cache)) if "fw" in systems else None
+    fw_models = {name: faster_whisper(models.ct2_folder(args.model, resolver.cache), kind)
+                 for name, kind in (("fw", "float32"), ("fw-int8", "int8")) if name in systems}
     results = []
     total = sum(len(r) for r in data.values()) * len(systems)
     with tqdm(total=total, desc="bench translate", file=sys.stderr, leave=False) as bar:
         for s, rows in data.items():
-            results.append(bench_language(s, args.target, rows, bundle, fw_model, cfg.asr, cfg.vad,
+            results.append(bench_language(s, args.target, rows, bundle, fw_models, cfg.asr, cfg.vad,
                                           cfg.translate.policy_config(), systems, bar.update))
     meta = {"model": args.model, "precision": cfg.models.asr_precision, "policy": cfg.translate.policy,
             "limit": args.limit, "systems": systems}

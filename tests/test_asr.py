@@ -355,6 +355,35 @@ def test_the_pre_roll_never_reaches_back_over_the_agents_voice(tiny):
         assert s.window_start == pytest.approx(window_start) and s.lead == 0.0
 
 
+def test_offline_decoding_falls_back_to_sampling_only_where_greedy_fails(monkeypatch):
+    """Whisper's recipe in the offline decoder: a greedy decode the loop guard cut, or one with an
+    average log-probability below -1, is sampled again at rising temperatures until one passes;
+    if none passes, the most likely is kept; a good greedy decode is never resampled."""
+    import agent.transcribe as T
+    from streaming.asr.decoder import Decoded
+
+    def run(outcomes):
+        calls = []
+
+        def fake(model, tok, feats, prompt, forced, filters, max_tokens, temperature=0.0, generator=None):
+            calls.append(temperature)
+            return outcomes[len(calls) - 1]
+
+        monkeypatch.setattr(T, "decode", fake)
+        return T.decode_with_fallback(None, None, None, [], []), calls
+
+    good = Decoded([1, 2, 3], [-0.1, -0.2, -0.1])
+    looped = Decoded([1, 2], [-0.1, -0.1], hit_limit=True)
+    unsure = Decoded([4, 5, 6], [-2.0, -1.5, -2.5])
+    less_unsure = Decoded([7, 8, 9], [-1.5, -1.5, -1.5])
+    assert run([good]) == (good, [0.0])
+    assert run([looped, unsure, good]) == (good, [0.0, 0.2, 0.4])
+    got, calls = run([unsure, unsure, less_unsure, unsure, unsure, unsure])
+    assert got is less_unsure and calls == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+    # the greedy text the loop guard cut is confident: when nothing passes it is the one kept
+    assert run([looped] + [unsure] * 5)[0] is looped
+
+
 def test_sampled_decodes_repeat_with_the_same_seed(tiny):
     import torch
 
