@@ -58,12 +58,13 @@ class PipelineConfig:
 class ModelsConfig:
     #: speech recogniser: whisper:tiny.en, whisper:base, or a hub id
     asr: str = "whisper:tiny.en"
-    #: numeric precision of Whisper on the CPU: fp32, int8 (dynamic quantisation) or int8-row
-    #: (per-row weight scales and an int8 output projection), for transcription and translation
-    asr_precision: Literal["fp32", "int8", "int8-row"] = "int8-row"
+    #: numeric precision of Whisper on the CPU, for transcription and translation: fp32, int8 (dynamic
+    #: quantisation), int8-row (per-row weight scales and an int8 output projection) or int8-tok
+    #: (token-scaled int8 encoder, int8-weight bf16 decoder)
+    asr_precision: Literal["fp32", "int8", "int8-row", "int8-tok"] = "int8-tok"
     #: the same where the agent holds a conversation (talk, converse, serve and the API with the
     #: LLM): the turn-taking was tuned on int8's hypotheses
-    conversation_asr_precision: Literal["fp32", "int8", "int8-row"] = "int8"
+    conversation_asr_precision: Literal["fp32", "int8", "int8-row", "int8-tok"] = "int8"
     #: coordinator LLM: llm:smollm2-135m, or a hub id of an instruct model
     llm: str = "llm:smollm2-135m"
     #: numeric precision of the LLM on the CPU: w8 (int8 weights, bf16 activations), fp32 or int8 (dynamic)

@@ -138,7 +138,7 @@ async def test_conversation_question_reply_interrupt_and_say(dialogue_models):
     seen: list[tuple[float, object]] = []
     async with DuplexAgent.from_config({"dialogue": {"max_new_tokens": 24}}, models=dialogue_models) as agent:
         assert agent.dialogue and agent.session.mode == "dialogue"
-        # a conversation's recogniser: int8 and no pre-roll (transcription's int8-row and 300 ms)
+        # a conversation's recogniser: int8 and no pre-roll (transcription's int8-tok and 300 ms)
         assert agent.session.asr_config.preroll_ms == 0.0
         assert agent.models.whisper.precision == "int8"
 

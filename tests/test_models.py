@@ -209,3 +209,32 @@ def test_duplex_models_json_lists_everything_available(duplex_bin):
     rows = {row["name"]: row for row in json.loads(r.stdout)}
     assert set(rows) == {"whisper:tiny.en", "whisper:base", "llm:smollm2-135m", "tts:piper-joe", "vad:silero"}
     assert all(row["available"] and row["source"] == "package" for row in rows.values())
+
+
+def test_token_int8_linear_follows_fp32_for_any_number_of_rows():
+    """int8 weights per row and int8 activations per token: within 2 % of fp32 for 1 to 1000
+    rows (the kernel wants multiples of 8: the layer pads), 2-D and 3-D inputs alike."""
+    from streaming.models.quantize import TokenInt8Linear, token_int8_available
+
+    if not token_int8_available():
+        pytest.skip("this torch has no CPU int8 matrix multiply")
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(512, 384)
+    q = TokenInt8Linear(lin)
+    for shape in [(1, 512), (7, 512), (33, 512), (1000, 512), (2, 5, 512)]:
+        x = torch.randn(*shape) * torch.linspace(0.1, 3, shape[-1])  # uneven channels, as activations are
+        with torch.inference_mode():
+            ref, got = lin(x), q(x)
+        assert got.shape == ref.shape
+        assert float((got - ref).norm() / ref.norm()) < 0.02, shape
+
+
+def test_int8_tok_whisper_transcribes_like_fp32(resolver, base):
+    """models.asr_precision = "int8-tok" (token-scaled int8 encoder, int8-weight bf16 decoder)."""
+    import jiwer
+
+    quant = resolver.whisper("whisper:base", "int8-tok")
+    assert quant.precision == "int8-tok"
+    audio = read_audio(librivox("0870"))
+    ref, got = transcribe(base, audio).text, transcribe(quant, audio).text
+    assert jiwer.wer(" ".join(words(ref)), " ".join(words(got))) <= 0.1, (ref, got)
