@@ -185,14 +185,13 @@ def _first_revision(rows: torch.Tensor, forced: list[int], revisable: list[bool]
     choice there (``rows[j]`` are the logits that predict ``forced[j]``, for the first positions);
     ``len(forced)``: none."""
     for j in range(len(rows)):
-        t = forced[j]
         if not revisable[j]:
             continue
         row = rows[j].float().clone()
         for f in filters:
             f.apply(row, forced[:j])
         lp = torch.log_softmax(row, dim=-1)
-        if float(lp.max() - lp[t]) > margin:
+        if float(lp.max() - lp[forced[j]]) > margin:
             return j
     return len(forced)
 
