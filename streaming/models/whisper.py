@@ -273,9 +273,20 @@ class Decoder(nn.Module):
         #: optional separate output projection (an int8 copy of the tied embedding, see
         #: ``streaming.models.quantize.quantize_logits``); None projects onto the embedding
         self.logits_proj: nn.Module | None = None
+        #: optional one projection of the encoder output onto every layer's cross-attention keys
+        #: and values at once ([.., d] -> [.., layers * 2 * d], see ``fuse_cross_kv``); None:
+        #: each layer's own ``k_proj`` and ``v_proj``
+        self.cross_kv: nn.Module | None = None
 
     def cross_cache(self, audio: torch.Tensor) -> DecoderCache:
         cache = DecoderCache()
+        if self.cross_kv is not None:
+            b, t, d = audio.shape
+            kv = self.cross_kv(audio).view(b, t, len(self.layers), 2, d)
+            for i, layer in enumerate(self.layers):
+                cache.cross_k.append(layer.encoder_attn.split(kv[:, :, i, 0]))
+                cache.cross_v.append(layer.encoder_attn.split(kv[:, :, i, 1]))
+            return cache
         for layer in self.layers:
             k, v = layer.encoder_attn.kv(audio)
             cache.cross_k.append(k)
@@ -339,6 +350,22 @@ class Decoder(nn.Module):
         if self.logits_proj is not None:
             return self.logits_proj(x)
         return x @ self.embed_tokens.weight.T
+
+
+def fuse_cross_kv(decoder: Decoder) -> nn.Linear:
+    """Every layer's cross-attention key and value projections as one Linear (layer by layer, keys
+    then values), so that an encoder pass is projected in one matrix product, not 2 per layer."""
+    weights, biases = [], []
+    for layer in decoder.layers:
+        a = layer.encoder_attn
+        weights += [a.k_proj.weight, a.v_proj.weight]
+        biases += [torch.zeros(a.k_proj.out_features) if a.k_proj.bias is None else a.k_proj.bias, a.v_proj.bias]
+    d = weights[0].shape[1]
+    fused = nn.Linear(d, sum(w.shape[0] for w in weights))
+    with torch.no_grad():
+        fused.weight.copy_(torch.cat(weights))
+        fused.bias.copy_(torch.cat(biases))
+    return fused
 
 
 class _Inner(nn.Module):
