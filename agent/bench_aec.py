@@ -40,7 +40,7 @@ import numpy as np
 from streaming.aec import AECConfig, EchoCanceller
 from streaming.audio_file import read_audio
 from streaming.errors import DuplexError
-from streaming.frames import INTERNAL_RATE, SpeechEnded, SpeechStarted
+from streaming.frames import INTERNAL_RATE, SpeechEnded, SpeechEnding, SpeechStarted
 from streaming.resample import resample
 from streaming.room import Room, RoomConfig
 from streaming.vad import TwoStageVAD, VADConfig
@@ -178,7 +178,7 @@ def vad_hops(vad: TwoStageVAD, audio: np.ndarray) -> tuple[np.ndarray, list[tupl
         events += vad.step(state, audio[i : i + 480], i / RATE)
     events += vad.finish(state)
     segs = [(e.start, e.pts) for e in events if isinstance(e, SpeechEnded)]
-    assert all(isinstance(e, (SpeechStarted, SpeechEnded)) for e in events)
+    assert all(isinstance(e, (SpeechStarted, SpeechEnding, SpeechEnded)) for e in events)
     mask = np.zeros(int(np.ceil(len(audio) / CALL)), bool)
     for a, b in segs:
         mask[int(a * 100) : int(np.ceil(b * 100))] = True

@@ -38,7 +38,7 @@ from orchestration.translate import Apertium
 from streaming.asr.recognizer import ASRConfig, StreamingRecognizer
 from streaming.audio_file import read_audio
 from streaming.errors import DuplexError
-from streaming.frames import FinalText, PartialText, SpeechEnded, SpeechStarted
+from streaming.frames import FinalText, PartialText, SpeechEnded, SpeechEnding, SpeechStarted
 from streaming.vad import TwoStageVAD, VADConfig
 
 BLOCK = 320  # 20 ms frames, as the live pipeline
@@ -160,6 +160,8 @@ def replay(recognizer: StreamingRecognizer, vad: TwoStageVAD, audio: np.ndarray,
         for e in events:
             if isinstance(e, SpeechStarted):
                 recognizer.start(rs, e.pts)
+            elif isinstance(e, SpeechEnding):
+                now += run(recognizer.ending, rs, e)[1]
             elif isinstance(e, SpeechEnded):
                 out, dt = run(recognizer.end, rs, e.pts)
                 now += dt

@@ -63,6 +63,7 @@ from streaming.frames import (
     Frame,
     PartialText,
     SpeechEnded,
+    SpeechEnding,
     SpeechStarted,
     TurnEvent,
     VoiceActivity,
@@ -592,7 +593,7 @@ class Session:
             self.counts["errors"] += 1
             self._emit(frame)
             return
-        if self._discard or isinstance(frame, VoiceActivity):  # voice activity is the turn core's
+        if self._discard or isinstance(frame, (VoiceActivity, SpeechEnding)):  # the turn core's, the recogniser's
             return
         if isinstance(frame, TurnEvent) and frame.kind == "agent_start":
             if frame.reply in self._announced:

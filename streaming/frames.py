@@ -28,6 +28,7 @@ __all__ = [
     "AudioFrame",
     "SpeechStarted",
     "SpeechEnded",
+    "SpeechEnding",
     "Interrupt",
     "Cancel",
     "Flush",
@@ -138,6 +139,18 @@ class SpeechEnded(DataFrame):
     @property
     def duration(self) -> float:
         return self.pts - self.start
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SpeechEnding(DataFrame):
+    """VAD has heard silence since shortly before ``pts`` (the end it would give the speech, padded),
+    long enough that the utterance has probably ended; it decides at ``decide_at`` unless the
+    voice comes back. A recogniser prepares the final transcript meanwhile. ``resumed``: the voice
+    came back (at ``pts``) before the decision: what was prepared is void."""
+
+    decide_at: float = 0.0
+    resumed: bool = False
+    source: str = "vad"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -26,7 +26,7 @@ import webrtcvad
 from pydantic import Field
 
 from .errors import DuplexError
-from .frames import INTERNAL_RATE, AudioFrame, Frame, SpeechEnded, SpeechStarted, VoiceActivity
+from .frames import INTERNAL_RATE, AudioFrame, Frame, SpeechEnded, SpeechEnding, SpeechStarted, VoiceActivity
 from .pipeline import Stage
 
 HOP = 512  # Silero's 16 kHz hop: 32 ms
@@ -58,6 +58,9 @@ class VADConfig:
     min_silence_ms: Annotated[float, Field(ge=0)] = 400.0
     #: added before each start and after each end, so word edges are not clipped
     speech_pad_ms: Annotated[float, Field(ge=0)] = 64.0
+    #: silence this long (ms) inside a segment sends SpeechEnding, so that the final transcript is
+    #: prepared while the end is still undecided (min_silence_ms) and ready when it is; 0 = never
+    end_hint_ms: Annotated[float, Field(ge=0)] = 128.0
     #: also send VoiceActivity frames when the raw per-hop decision changes (the coordinator
     #: measures silence and barge-in onsets from them, without the segment hangovers)
     activity_events: bool = False
@@ -152,6 +155,7 @@ class VADState:
     voiced: bool = False  # the last raw decision sent as VoiceActivity
     web_run_ms: float = 0.0  # WebRTC-voiced audio in the current run of voiced hops
     web_onset: float | None = None  # when WebRTC alone turned the voice on (not yet confirmed)
+    hinted: bool = False  # SpeechEnding sent for the current silence
 
 
 class TwoStageVAD:
@@ -191,6 +195,9 @@ class TwoStageVAD:
         if state.t0 is None:
             return []
         end = state.t0 + (state.hops * HOP + len(state.pending)) / INTERNAL_RATE
+        if state.in_speech and state.hinted:
+            # the voice had stopped (SpeechEnding sent): the speech ends where that said
+            end = min(end, state.silence_start + self.config.speech_pad_ms / 1000)
         events: list[Frame] = []
         if state.in_speech:
             events.append(
@@ -198,6 +205,7 @@ class TwoStageVAD:
             )
         state.in_speech = False
         state.candidate_start = None
+        state.hinted = False
         return events
 
     def reset(self, state: VADState) -> None:
@@ -319,15 +327,24 @@ class TwoStageVAD:
             if is_silence:
                 if s.silence_start is None:
                     s.silence_start = t
-                if (t_end - s.silence_start) * 1000 >= c.min_silence_ms:
+                silent_ms = (t_end - s.silence_start) * 1000
+                if silent_ms >= c.min_silence_ms:
                     end = min(t_end, s.silence_start + pad)
                     events.append(
                         SpeechEnded(pts=end, start=s.segment_start, detected_at=t_end, source=self.name)
                     )
                     s.in_speech = False
                     s.silence_start = None
+                    s.hinted = False
+                elif c.end_hint_ms and silent_ms >= max(c.end_hint_ms, c.speech_pad_ms) and not s.hinted:
+                    s.hinted = True
+                    events.append(SpeechEnding(pts=min(t_end, s.silence_start + pad),
+                                               decide_at=s.silence_start + c.min_silence_ms / 1000, source=self.name))
             else:
                 s.silence_start = None
+                if s.hinted:
+                    s.hinted = False
+                    events.append(SpeechEnding(pts=t, resumed=True, source=self.name))
 
 
 # ---------------------------------------------------------------------------------------- stage

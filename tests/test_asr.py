@@ -14,7 +14,7 @@ from fixtures import asterisk, librivox
 from streaming.asr.hotwords import HotwordBoost, parse_hotwords
 from streaming.asr.recognizer import ASRConfig, StreamingRecognizer
 from streaming.audio_file import read_audio
-from streaming.frames import FinalText, PartialText, SpeechEnded, SpeechStarted
+from streaming.frames import FinalText, PartialText, SpeechEnded, SpeechEnding, SpeechStarted
 from streaming.vad import TwoStageVAD
 
 RATE = 16000
@@ -38,6 +38,8 @@ def stream(rec, audio, block=320):
         for e in vad.step(vad_state, chunk, i / RATE):
             if isinstance(e, SpeechStarted):
                 rec.start(rs, e.pts)
+            elif isinstance(e, SpeechEnding):
+                rec.ending(rs, e)
             elif isinstance(e, SpeechEnded):
                 out += rec.end(rs, e.pts)
         out += rec.push(rs, chunk, i / RATE)
@@ -318,6 +320,68 @@ def test_a_final_takes_back_an_early_commit_the_whole_audio_disproves(tiny):
     assert agreed.kept_forced == 6 and tok.decode(right + agreed.tokens).strip() == plain.text
     pinned = decode(tiny.model, tok, feats, sot, wrong, filters, 60, revisable=[False] * len(wrong))
     assert pinned.kept_forced == len(wrong) and pinned.tokens == forced.tokens
+
+
+def test_a_draft_saves_decoder_steps_and_never_changes_the_text(tiny):
+    """The previous hypothesis as a draft: the tokens the decode chooses anyway are taken from its
+    prefill, the first it does not choose ends the draft, and the text is the plain decode's. Word
+    alignment on the decode's own keys and values times the words as a fresh pass does."""
+    from streaming.asr.alignment import word_timings
+    from streaming.asr.decoder import decode, rules_filter
+    from streaming.models.whisper import log_mel
+
+    tok = tiny.tokenizer
+    audio = read_audio(librivox("0870"))
+    feats = tiny.model.encode(log_mel(audio, tiny.dims.n_mels, pad_to=10 * RATE))
+    sot = tok.prompt(None)
+    filters = [rules_filter(tok, tiny.rules)]
+    plain = decode(tiny.model, tok, feats, sot, [], filters, 60)
+    assert plain.drafted == 0 and len(plain.tokens) > 15
+    whole = decode(tiny.model, tok, feats, sot, [], filters, 60, draft=plain.tokens)
+    assert whole.tokens == plain.tokens and whole.drafted >= len(plain.tokens) - 3  # (near ties get a step)
+    bad = list(plain.tokens)
+    bad[8] = tok.encode(" banana")[0]
+    off = decode(tiny.model, tok, feats, sot, plain.tokens[:3], filters, 60, draft=bad[3:] + bad[:5])
+    assert plain.tokens[:3] + off.tokens == plain.tokens and 1 <= off.drafted <= 5
+    fresh = word_timings(tiny.model, tok, feats, sot, plain.tokens, plain.logprobs, tiny.alignment_heads, 0.0, 600)
+    reused = word_timings(tiny.model, tok, feats, sot, plain.tokens, plain.logprobs, tiny.alignment_heads, 0.0, 600,
+                          cache=whole.cache)
+    assert [w.word for w in reused] == [w.word for w in fresh]
+    assert max(abs(a.start - b.start) + abs(a.end - b.end) for a, b in zip(fresh, reused)) <= 0.021
+
+
+def test_the_final_prepared_in_the_pause_is_the_final(tiny):
+    """``prepare_end`` (VAD's SpeechEnding) computes the final before VAD decides; ``end`` at that
+    point then returns it without decoding again, and it is what ``end`` alone would have given.
+    When the voice comes back (``resume``) partial steps go on and a later end decodes afresh."""
+    import copy
+
+    audio = np.concatenate([np.zeros(8000, np.float32), read_audio(librivox("0870")), np.zeros(16000, np.float32)])
+    rec = StreamingRecognizer(tiny, ASRConfig())
+    rs = rec.init_state()
+    rec.start(rs, 0.4)
+    half = 8000 + 3 * RATE
+    for i in range(0, half, 320):
+        rec.push(rs, audio[i : i + 320], i / RATE)
+    t = half / RATE
+    rec.prepare_end(rs, t - 0.1, t + 0.2)
+    assert rs.prepared is not None
+    assert rec.push(rs, audio[half : half + 320], t) == []  # no partial steps while VAD decides
+    rec.resume(rs)
+    steps = 0
+    for i in range(half + 320, len(audio) - RATE, 320):
+        steps += sum(isinstance(f, PartialText) for f in rec.push(rs, audio[i : i + 320], i / RATE))
+    assert steps >= 3
+    end = (len(audio) - RATE - 0.1 * RATE) / RATE
+    alone = copy.deepcopy(rs)
+    expected = rec.end(alone, end)
+    rec.prepare_end(rs, end, end + 0.3)
+    assert rs.prepared is not None
+    before = rs.decodes
+    got = rec.end(rs, end)
+    assert rs.decodes == before, "the prepared final was used"
+    assert [f.text for f in got] == [f.text for f in expected] and got[0].words == expected[0].words
+    assert "dashwood" in got[0].text.lower()
 
 
 def test_the_final_revises_only_early_commits_and_never_whole_clauses(tiny):

@@ -81,4 +81,5 @@ def test_conversations_have_their_own_pre_roll_and_precision():
     talk = load_config(use_user_default=False, overrides={"asr.conversation_preroll_ms": 120})
     conv = talk.asr.in_conversation()
     assert conv.preroll_ms == 120 and talk.asr.preroll_ms == 300
-    assert conv == talk.asr.__class__(**{**talk.asr.__dict__, "preroll_ms": 120.0})
+    assert conv == talk.asr.__class__(**{**talk.asr.__dict__, "preroll_ms": 120.0, "draft": False})
+    assert talk.asr.draft, "transcription decodes with a draft; a conversation's dynamic int8 does not"

@@ -5,7 +5,7 @@ import pytest
 
 from fixtures import asterisk, librivox
 from streaming.audio_file import read_audio
-from streaming.frames import AudioFrame, SpeechEnded, SpeechStarted
+from streaming.frames import AudioFrame, SpeechEnded, SpeechEnding, SpeechStarted
 from streaming.stages import IterableSource
 from streaming.testing import run_pipeline
 from streaming.vad import TwoStageVAD, VADConfig, VADStage
@@ -54,10 +54,36 @@ def test_two_utterances_with_a_pause_give_two_segments_at_the_right_times(mode):
         assert offset + s - 0.3 <= start <= offset + s + 0.05
         assert offset + e - 0.05 <= end <= offset + e + 0.5
     # events alternate start/end and every decision comes after the audio that proves it
-    kinds = [type(e).__name__ for e in events]
+    kinds = [type(e).__name__ for e in events if not isinstance(e, SpeechEnding)]
     assert kinds == ["SpeechStarted", "SpeechEnded"] * 2
     for e in events:
-        assert e.detected_at >= e.pts
+        if not isinstance(e, SpeechEnding):
+            assert e.detected_at >= e.pts
+    # each end was announced, at the same pts, before VAD decided it
+    for i, e in enumerate(events):
+        if isinstance(e, SpeechEnded):
+            hints = [h for h in events[:i] if isinstance(h, SpeechEnding) and not h.resumed]
+            assert hints and hints[-1].pts == e.pts and hints[-1].decide_at <= e.detected_at + 1e-9
+
+
+def test_a_pause_inside_speech_is_announced_then_withdrawn():
+    """Silence past ``end_hint_ms`` but short of ``min_silence_ms`` sends SpeechEnding and, when
+    the voice comes back, SpeechEnding(resumed=True); the segment goes on."""
+    a = read_audio(librivox("0880"))
+    s, e = energetic_span(a)
+    a = a[int(s * RATE) : int(e * RATE)]  # the speech alone: the pause is the gap between copies
+    gap = np.zeros(int(0.25 * RATE), np.float32)
+    lead = np.zeros(RATE, np.float32)
+    x = np.concatenate([lead, a, gap, a, lead]) + noise_floor(2 * len(lead) + 2 * len(a) + len(gap))
+    events, _ = run(TwoStageVAD(VADConfig(end_hint_ms=96)), x)
+    assert len(segments(events)) == 1
+    hints = [e for e in events if isinstance(e, SpeechEnding)]
+    # announced and withdrawn in turn (a reader pauses between words too), the last one stands
+    assert [h.resumed for h in hints] == [False, True] * (len(hints) // 2) + [False], hints
+    gap_at = 1.0 + len(a) / RATE
+    assert any(gap_at - 0.2 <= h.pts <= gap_at + 0.15 and not h.resumed for h in hints), hints
+    assert hints[-1].pts == segments(events)[0][1]
+    assert not any(isinstance(e, SpeechEnding) for e in run(TwoStageVAD(VADConfig(end_hint_ms=0)), x)[0])
 
 
 @pytest.mark.parametrize(

@@ -17,6 +17,9 @@ from ..models.whisper import DecoderCache, Whisper
 from ..models.whisper_text import DecodeRules, WhisperTokenizer
 
 MAX_PROMPT = 223  # Whisper's previous-context budget: half of its 448-token window, minus one
+#: a draft token's logits decide the next token only where its best leads the second by this
+#: many nats (more than prefill and step ever differ); a closer call gets a step of its own
+DRAFT_MARGIN = 1.0
 
 
 class LogitFilter(Protocol):
@@ -65,6 +68,10 @@ class Decoded:
     text: str = ""
     #: how many tokens of the forced prefix were kept (fewer than it had: the rest was revised)
     kept_forced: int = 0
+    #: the decode's keys and values (its prompt's first): word alignment reuses them
+    cache: DecoderCache | None = field(default=None, repr=False, compare=False)
+    #: draft tokens the decode accepted without a decoder step of their own
+    drafted: int = 0
 
 
 def build_prompt(tok: WhisperTokenizer, context: list[int], sot_seq: list[int]) -> list[int]:
@@ -87,6 +94,7 @@ def decode(
     revise_margin: float = 2.0,
     temperature: float = 0.0,
     generator: torch.Generator | None = None,
+    draft: list[int] | None = None,
 ) -> Decoded:
     """Greedy continuation of ``prompt + forced`` over ``features`` [1, frames, d].
 
@@ -99,6 +107,11 @@ def decode(
     ``temperature`` > 0 samples each token instead of taking the best (Whisper's fallback when a
     greedy decode fails), from ``generator`` so that a run can be repeated.
 
+    ``draft``: tokens the continuation probably starts with (the previous step's hypothesis after
+    the committed words). They are prefilled with the prefix, and each one the decode chooses
+    anyway costs no decoder step of its own; from the first it does not choose, decoding goes on
+    as without a draft. The text is the same as without one (greedy; ties aside), only sooner.
+
     A filter with a ``session(start)`` method (``HotwordBoost``) is replaced by the session for
     this decode, which may ask, after a token is chosen, to roll the text back to an earlier
     position and decide again (a boost withdrawn); the decoder keeps the raw logits of the last
@@ -106,21 +119,27 @@ def decode(
     if features.dim() == 2:
         features = features.unsqueeze(0)
     cache: DecoderCache = model.decoder.cross_cache(features)
+    draft = list(draft or [])[:max_tokens] if temperature <= 0 else []
+    first = len(prompt) - 1  # the row that predicts the first forced token
+    n = 0
     if revisable is not None and forced:
-        # logits before each revisable token (the flags end on a run of False), and after the prefix
+        # logits before each revisable token (the flags end on a run of False)
         n = max((j + 1 for j, r in enumerate(revisable) if r), default=0)
-        first = len(prompt) - 1
-        pick = [*range(first, first + n), first + len(forced)]
-        rows = model.decoder(torch.tensor([prompt + forced]), cache, pick=pick)[0]
+    # then the logits after the prefix and after each draft token
+    pick = [*range(first, first + n), *range(first + len(forced), first + len(forced) + len(draft) + 1)]
+    rows = model.decoder(torch.tensor([prompt + forced + draft]), cache, pick=pick)[0]
+    ahead = list(rows[n:])  # ahead[j]: logits after forced + draft[:j]
+    if n:
         plain = [f for f in filters if not hasattr(f, "session")]
         at = _first_revision(rows[:n], forced, revisable, plain, revise_margin)
         if at < len(forced):
             cache.truncate(len(prompt) + at)
             max_tokens += len(forced) - at
             forced = forced[:at]
-        logits = rows[at] if at < n else rows[-1]
-    else:
-        logits = model.decoder(torch.tensor([prompt + forced]), cache, last=1)[0, -1]
+            ahead, draft = [rows[at]], []
+    logits = ahead[0]
+    on_draft = 0 if draft else None  # draft tokens accepted so far; None: off the draft
+    drafted = 0
     filters = [f.session(len(forced)) if hasattr(f, "session") else f for f in filters]
     sessions = [f for f in filters if hasattr(f, "after")]
     keep = max([getattr(f.b, "max_len", 0) for f in sessions] + [0]) + 2
@@ -146,6 +165,17 @@ def decode(
             nxt = int(torch.multinomial(torch.softmax(row / temperature, dim=-1), 1, generator=generator))
         else:
             nxt = int(torch.argmax(lp))
+            if on_draft:
+                # these logits come from the prefill, whose sums run in another order than a
+                # step's (int8-tok: up to 0.25 nats apart): a near tie is decided by a step
+                top = torch.topk(lp, 2).values
+                if float(top[0] - top[1]) < DRAFT_MARGIN:
+                    cache.truncate(len(prompt) + len(text) - 1)
+                    logits = model.decoder(torch.tensor([text[-1:]]), cache)[0, -1]
+                    on_draft = None
+                    if keep_logits:
+                        kept.pop()
+                    continue
         back = None
         for sess in sessions:
             b = sess.after(pos, nxt, text)
@@ -156,6 +186,7 @@ def decode(
             drop = pos - back
             text, out, logprobs = text[:back], out[: len(out) - drop], logprobs[: len(logprobs) - drop]
             cache.truncate(len(prompt) + back)
+            on_draft = None
             logits = raw[back]
             for p in [p for p in raw if p > back]:
                 del raw[p]
@@ -163,7 +194,8 @@ def decode(
                 kept = kept[: len(kept) - drop - 1]
             continue
         if nxt == tok.eot:
-            return Decoded(out, logprobs, prompt, logits=kept, text=tok.decode(out).strip(), kept_forced=len(forced))
+            return Decoded(out, logprobs, prompt, logits=kept, text=tok.decode(out).strip(), kept_forced=len(forced),
+                           cache=cache, drafted=drafted)
         out.append(nxt)
         text.append(nxt)
         logprobs.append(float(lp[nxt]))
@@ -173,10 +205,19 @@ def decode(
             drop = min(repeat, len(out))
             out, logprobs = out[: len(out) - drop], logprobs[: len(logprobs) - drop]
             return Decoded(out, logprobs, prompt, hit_limit=True, logits=kept, text=tok.decode(out).strip(),
-                           kept_forced=len(forced))
+                           kept_forced=len(forced), cache=cache, drafted=drafted)
+        if on_draft is not None:
+            if on_draft < len(draft) and nxt == draft[on_draft]:
+                # the draft's token: its keys and values are cached and its logits computed
+                on_draft += 1
+                drafted += 1
+                logits = ahead[on_draft]
+                continue
+            cache.truncate(len(prompt) + len(text) - 1)  # off the draft: forget the rest of it
+            on_draft = None
         logits = model.decoder(torch.tensor([[nxt]]), cache)[0, -1]
     return Decoded(out, logprobs, prompt, hit_limit=True, logits=kept, text=tok.decode(out).strip(),
-                   kept_forced=len(forced))
+                   kept_forced=len(forced), cache=cache, drafted=drafted)
 
 
 def _first_revision(rows: torch.Tensor, forced: list[int], revisable: list[bool], filters: list[LogitFilter],

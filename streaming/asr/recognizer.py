@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from ..frames import INTERNAL_RATE, FinalText, Frame, PartialText, Word
+from ..frames import INTERNAL_RATE, FinalText, Frame, PartialText, SpeechEnding, Word
 from ..models.whisper import EncoderCache, log_mel
 from ..models.whisper_load import WhisperBundle
 from .alignment import SECONDS_PER_POSITION, group_words, warm_up_alignment, word_timings
@@ -45,6 +45,9 @@ SQUEEZED_S = 0.02
 #: back (``ASRConfig.final_revision``): two hypotheses of a short window agree on errors the rest of
 #: the utterance disproves ("dal one" for "dial one")
 EARLY_COMMIT_S = 3.0
+#: after VAD's SpeechEnding, partial steps wait until its decision time plus this; no decision and
+#: no word that the voice came back by then (a VAD that does not say): the hint is dropped
+HINT_GRACE_S = 0.3
 
 
 @dataclass(frozen=True)
@@ -104,11 +107,17 @@ class ASRConfig:
     #: than the model's own choice, it decodes afresh (0 = never; translations never: their clauses
     #: are spoken as they commit)
     final_revision: Annotated[float, Field(ge=0, le=20)] = 2.0
+    #: each decode takes the last hypothesis's uncommitted words as a draft, verified in its prefill:
+    #: the tokens it chooses again cost no decoder step each (the same text, sooner; near ties aside)
+    draft: bool = True
 
 
     def in_conversation(self) -> "ASRConfig":
-        """This configuration where the agent holds a conversation: its own pre-roll."""
-        return replace(self, preroll_ms=self.conversation_preroll_ms)
+        """This configuration where the agent holds a conversation: its own pre-roll, and no
+        draft. Conversations run Whisper in dynamic int8 (``models.conversation_asr_precision``),
+        which scales a prefill's activations otherwise than a step's (their logits differ by up to
+        5 nats, not 0.3 as in int8-tok), and the turn-taking was tuned on step-decoded hypotheses."""
+        return replace(self, preroll_ms=self.conversation_preroll_ms, draft=False)
 
 
 @dataclass
@@ -139,6 +148,12 @@ class ASRState:
     trimmed_at: float = -1e9  # pipeline time of the last release_memory()
     #: compute time of recent partial steps, s (bounded: a stream may run for days)
     step_seconds: list[float] = field(default_factory=list)
+    #: VAD's SpeechEnding: the voice stopped, the utterance probably ends here (``prepare_end``)
+    ending: float | None = None
+    #: ... and when VAD will have decided (no SpeechEnded by then: the hint is dropped)
+    ending_decided: float = 0.0
+    #: the final prepared for ``ending``: (what it depends on, its tokens and frame)
+    prepared: tuple | None = None
 
 
 class StreamingRecognizer:
@@ -195,6 +210,11 @@ class StreamingRecognizer:
                 state.buf_start += drop / INTERNAL_RATE
             return []
         end = self._buf_end(state)
+        if state.ending is not None:
+            if end <= state.ending_decided + HINT_GRACE_S:
+                self._prepare(state)  # (once the audio up to the ending has arrived)
+                return []  # silence: no partial steps while VAD decides
+            self.resume(state)  # VAD neither ended the utterance nor said the voice came back
         overdue = end - state.window_start > self.config.max_window_s + 5
         if overdue:
             # even when behind real time the window must not outgrow what Whisper can see
@@ -207,12 +227,35 @@ class StreamingRecognizer:
         """A hypothesis now, off the step grid: the speaker paused, and whoever waits for the
         words (the coordinator deciding whether the turn is over) wants them before VAD ends
         the utterance. Nothing when less than ``min_new_ms`` of audio is new."""
-        if not state.in_speech or state.buf_start is None:
+        if not state.in_speech or state.buf_start is None or state.ending is not None:
             return []
         end = self._buf_end(state)
         if (end - state.last_decode_end) * 1000 < min_new_ms:
             return []
         return self._partial(state, end)
+
+    def prepare_end(self, state: ASRState, pts: float, decide_at: float | None = None) -> None:
+        """VAD heard the voice stop: the utterance probably ends at ``pts``, and VAD decides at
+        ``decide_at``. The final transcript is computed now, in the silence before the decision,
+        and ``end`` at this ``pts`` returns it at once. Until then no partial steps run (the audio
+        is silence); ``resume`` undoes this when the voice comes back."""
+        if not state.in_speech or state.buf_start is None:
+            return
+        state.ending = pts
+        state.ending_decided = pts + 1.0 if decide_at is None else decide_at
+        state.prepared = None
+        self._prepare(state)
+
+    def ending(self, state: ASRState, frame: SpeechEnding) -> None:
+        """VAD's SpeechEnding: ``prepare_end``, or ``resume`` where the voice came back."""
+        if frame.resumed:
+            self.resume(state)
+        else:
+            self.prepare_end(state, frame.pts, frame.decide_at)
+
+    def resume(self, state: ASRState) -> None:
+        """The voice came back before VAD ended the utterance: drop what ``prepare_end`` made."""
+        state.ending, state.prepared = None, None
 
     def start(self, state: ASRState, pts: float, not_before: float = -np.inf) -> None:
         """Speech began at ``pts`` (VAD's padded estimate). The pre-roll reaches no further back
@@ -222,6 +265,7 @@ class StreamingRecognizer:
         if state.in_speech:
             return
         state.in_speech = True
+        state.ending, state.prepared = None, None
         state.utterance += 1
         self._maybe_release(state, pts)
         start = max(pts - self.config.preroll_ms / 1000, min(not_before, pts))
@@ -246,9 +290,9 @@ class StreamingRecognizer:
         return out
 
     def finish(self, state: ASRState) -> list[Frame]:
-        """End of stream: close an open utterance."""
+        """End of stream: close an open utterance (where VAD heard the voice stop, there)."""
         if state.in_speech and state.buf_start is not None:
-            return self.end(state, self._buf_end(state))
+            return self.end(state, state.ending if state.ending is not None else self._buf_end(state))
         return []
 
     # -- internals --------------------------------------------------------------------------
@@ -324,8 +368,9 @@ class StreamingRecognizer:
         # speech can be is a hallucination, and capping it bounds the cost of a bad step
         budget = max(4, int(self.config.max_tokens_per_second * seconds) + 4 - len(forced))
         s.decodes += 1
+        draft = self._draft(s)
         d = decode(self.m.model, tok, feats, prompt, forced, filters, max_tokens=budget, revisable=revisable,
-                   revise_margin=self.config.final_revision)
+                   revise_margin=self.config.final_revision, draft=draft)
         if d.hit_limit and s.hotword_prompt:
             # a loop or a runaway: Whisper copying its prompt (a hotword list written over the
             # first words, or repeated after the last), as tiny.en does where the audio is unclear.
@@ -333,8 +378,17 @@ class StreamingRecognizer:
             s.decodes += 1
             log.debug("prompted decode looped (%r); again without the hotword prompt", d.text)
             d = decode(self.m.model, tok, feats, self._prompt(s, feats, hotwords=False), forced, filters,
-                       max_tokens=budget, revisable=revisable, revise_margin=self.config.final_revision)
+                       max_tokens=budget, revisable=revisable, revise_margin=self.config.final_revision, draft=draft)
         return d
+
+    def _draft(self, s: ASRState) -> list[int]:
+        """What the last hypothesis said after the committed words: the next decode most likely
+        says it again, and verifies it in its prefill instead of a step per token."""
+        if not self.config.draft or not s.history:
+            return []
+        last = s.history[-1]
+        n = len(s.committed)
+        return last[n:] if last[:n] == s.committed else []
 
     def _revisable(self, s: ASRState) -> list[bool] | None:
         """Which committed tokens the final may take back: those committed from a short window
@@ -393,7 +447,7 @@ class StreamingRecognizer:
         if not _repeats(tok, tokens, groups, n_committed):
             return d
         words = word_timings(self.m.model, tok, feats, d.prompt, tokens, s.committed_logprobs + d.logprobs,
-                             self.m.alignment_heads, self._origin(s), real)
+                             self.m.alignment_heads, self._origin(s), real, cache=d.cache)
         keep = len(words)
         while keep > n_committed and words[keep - 1].end - words[keep - 1].start < SQUEEZED_S:
             keep -= 1
@@ -436,13 +490,13 @@ class StreamingRecognizer:
                 return []
             return self._final(s, end, continued=True)  # no agreement for too long: close it all
         tok = self.m.tokenizer
-        prompt = self._prompt(s, feats)
         real = int((end - self._origin(s)) / SECONDS_PER_POSITION)
         # align the whole latest hypothesis, not the committed words alone: DTW must place every
         # token, so the last committed word would otherwise stretch over the audio after it
         n_words = len(group_words(tok, s.committed))
-        words = word_timings(self.m.model, tok, feats, prompt, s.committed + latest.tokens,
-                             s.committed_logprobs + latest.logprobs, self.m.alignment_heads, self._origin(s), real)
+        words = word_timings(self.m.model, tok, feats, latest.prompt, s.committed + latest.tokens,
+                             s.committed_logprobs + latest.logprobs, self.m.alignment_heads, self._origin(s), real,
+                             cache=latest.cache)
         words = _clamp(words[:n_words], s.window_start)
         cut_at = words[-1].end if words else end
         frame = FinalText(
@@ -463,10 +517,44 @@ class StreamingRecognizer:
             # a window Whisper cannot see at once (only after a long stretch without
             # hypotheses): close it in pieces
             out += self._final(s, s.window_start + self.config.max_window_s, continued=True)
+        prepared, s.prepared, s.ending = s.prepared, None, None
+        if prepared is not None and prepared[0] == self._final_key(s, end):
+            result = prepared[1]
+        else:
+            result = self._final_result(s, end)
+        s.committed, s.committed_logprobs, s.history, s.early = [], [], [], 0
+        if result is None:
+            return out
+        tokens, frame = result
+        s.context = (s.context + tokens)[-200:]
+        if continued:
+            frame = replace(frame, continued=True)
+            s.window_start, s.lead = end, 0.0
+            s.last_decode_end = end
+            s.enc_cache = EncoderCache()
+        return out + ([frame] if frame.text else [])
+
+    def _prepare(self, s: ASRState) -> None:
+        """The final for ``s.ending``, unless made already or the audio is not there yet."""
+        end = s.ending
+        if s.prepared is not None or end is None or end > self._buf_end(s) + 1e-6:
+            return
+        if end - s.window_start > MAX_ENCODE_S:
+            return  # made in pieces: left to ``end``
+        result = self._final_result(s, end)  # (first: it may detect the language, part of the key)
+        s.prepared = (self._final_key(s, end), result)
+
+    def _final_key(self, s: ASRState, end: float) -> tuple:
+        """All a final depends on besides the audio: a prepared one stands while this does."""
+        return (s.utterance, round(end, 4), s.window_start, s.lead, tuple(s.committed), s.early, s.biaser,
+                tuple(s.context[-self.config.context_tokens:]), s.language)
+
+    def _final_result(self, s: ASRState, end: float) -> tuple[list[int], FinalText] | None:
+        """The final pass over the window up to ``end``: its tokens and frame (None: too short to
+        hold words). Leaves the state as it was (but for a language detected on the way)."""
         audio = self._window(s, end)
         if len(audio) < self.config.min_utterance_ms / 1000 * INTERNAL_RATE:
-            s.committed, s.committed_logprobs, s.history, s.early = [], [], [], 0
-            return out
+            return None
         feats, real = self._encode(s, audio, final=True)
         d = self._decode(s, feats, len(audio) / INTERNAL_RATE - s.lead, revise=True)
         tokens = s.committed[: d.kept_forced] + d.tokens
@@ -474,7 +562,7 @@ class StreamingRecognizer:
         if d.kept_forced < len(s.committed):
             log.debug("final took back %r", self.m.tokenizer.decode(s.committed[d.kept_forced :]))
         words = word_timings(self.m.model, self.m.tokenizer, feats, d.prompt, tokens, logprobs,
-                             self.m.alignment_heads, self._origin(s), real)
+                             self.m.alignment_heads, self._origin(s), real, cache=d.cache)
         words = _clamp(words, s.window_start)
         new_from = len(group_words(self.m.tokenizer, s.committed[: d.kept_forced]))
         while echo := _echoed_tail(words, new_from):
@@ -484,15 +572,9 @@ class StreamingRecognizer:
         text = self.m.tokenizer.decode(tokens).strip()
         frame = FinalText(
             pts=end, utterance=s.utterance, text=text, start=s.window_start, words=tuple(words),
-            language=s.language or "", continued=continued,
+            language=s.language or "", continued=False,
         )
-        s.context = (s.context + tokens)[-200:]
-        s.committed, s.committed_logprobs, s.history, s.early = [], [], [], 0
-        if continued:
-            s.window_start, s.lead = end, 0.0
-            s.last_decode_end = end
-            s.enc_cache = EncoderCache()
-        return out + ([frame] if text else [])
+        return tokens, frame
 
 
 def _norm_word(word: str) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 
-from ..frames import INTERNAL_RATE, AudioFrame, Frame, SpeechEnded, SpeechStarted, VoiceActivity
+from ..frames import INTERNAL_RATE, AudioFrame, Frame, SpeechEnded, SpeechEnding, SpeechStarted, VoiceActivity
 from ..pipeline import Stage
 from .recognizer import StreamingRecognizer
 
@@ -54,6 +54,11 @@ class ASRStage(Stage):
             await self.push(frame)
             if self.backlog() == 0:
                 await self._emit(await self.run_blocking(rec.hypothesise, self.state))
+            return
+        if isinstance(frame, SpeechEnding):
+            # the voice stopped: prepare the final while VAD decides (or drop it: the voice is back)
+            await self.push(frame)
+            await self.run_blocking(rec.ending, self.state, frame)
             return
         if isinstance(frame, SpeechEnded):
             await self.push(frame)
