@@ -295,19 +295,25 @@ def test_withdrawal_in_a_real_decode_leaves_the_plain_transcript(tiny):
     assert biased.text == plain.text
 
 
-def test_a_final_takes_back_an_early_commit_the_whole_audio_disproves(tiny):
-    """A committed prefix that the audio contradicts ("Mister Smith" where John Dashwood is
-    read) stands in a plain forced decode and is taken back where it may be revised; a prefix the
-    audio agrees with is kept, and a prefix that may not be revised never is."""
-    from streaming.asr.decoder import decode, rules_filter
-
+@pytest.fixture(scope="module")
+def dashwood(tiny):
+    """What a direct ``decode`` of LibriVox 0870 needs: (tokenizer, encoder output of the clip
+    padded to 10 s, start sequence, the checkpoint's suppression filter)."""
+    from streaming.asr.decoder import rules_filter
     from streaming.models.whisper import log_mel
 
     tok = tiny.tokenizer
-    audio = read_audio(librivox("0870"))
-    feats = tiny.model.encode(log_mel(audio, tiny.dims.n_mels, pad_to=10 * RATE))
-    sot = tok.prompt(None)
-    filters = [rules_filter(tok, tiny.rules)]
+    feats = tiny.model.encode(log_mel(read_audio(librivox("0870")), tiny.dims.n_mels, pad_to=10 * RATE))
+    return tok, feats, tok.prompt(None), [rules_filter(tok, tiny.rules)]
+
+
+def test_a_final_takes_back_an_early_commit_the_whole_audio_disproves(tiny, dashwood):
+    """A committed prefix that the audio contradicts ("Mister Smith" where John Dashwood is
+    read) stands in a plain forced decode and is taken back where it may be revised; a prefix the
+    audio agrees with is kept, and a prefix that may not be revised never is."""
+    from streaming.asr.decoder import decode
+
+    tok, feats, sot, filters = dashwood
     plain = decode(tiny.model, tok, feats, sot, [], filters, 60)
     wrong = tok.encode(" Mister Smith")
     forced = decode(tiny.model, tok, feats, sot, wrong, filters, 60)
@@ -322,19 +328,14 @@ def test_a_final_takes_back_an_early_commit_the_whole_audio_disproves(tiny):
     assert pinned.kept_forced == len(wrong) and pinned.tokens == forced.tokens
 
 
-def test_a_draft_saves_decoder_steps_and_never_changes_the_text(tiny):
+def test_a_draft_saves_decoder_steps_and_never_changes_the_text(tiny, dashwood):
     """The previous hypothesis as a draft: the tokens the decode chooses anyway are taken from its
     prefill, the first it does not choose ends the draft, and the text is the plain decode's. Word
     alignment on the decode's own keys and values times the words as a fresh pass does."""
     from streaming.asr.alignment import word_timings
-    from streaming.asr.decoder import decode, rules_filter
-    from streaming.models.whisper import log_mel
+    from streaming.asr.decoder import decode
 
-    tok = tiny.tokenizer
-    audio = read_audio(librivox("0870"))
-    feats = tiny.model.encode(log_mel(audio, tiny.dims.n_mels, pad_to=10 * RATE))
-    sot = tok.prompt(None)
-    filters = [rules_filter(tok, tiny.rules)]
+    tok, feats, sot, filters = dashwood
     plain = decode(tiny.model, tok, feats, sot, [], filters, 60)
     assert plain.drafted == 0 and len(plain.tokens) > 15
     whole = decode(tiny.model, tok, feats, sot, [], filters, 60, draft=plain.tokens)
