@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from streaming.asr.decoder import Decoded, build_prompt, decode, rules_filter
+from streaming.asr.decoder import Decoded, build_prompt, decode, rules_filter, with_fallback
 from streaming.asr.hotwords import HotwordBoost, parse_hotwords, prompt_text
 from streaming.asr.recognizer import ASRConfig, StreamingRecognizer, detect_language
 from streaming.asr.stage import ASRStage
@@ -28,12 +28,6 @@ from streaming.vad import VADStage
 from .config import DuplexConfig
 
 WINDOW = 30 * 16000
-#: Whisper's fallback for a window whose greedy decode failed: sample at these temperatures in turn
-FALLBACK_TEMPERATURES = (0.2, 0.4, 0.6, 0.8, 1.0)
-#: a decode fails when the loop guard cut it, or when its average log-probability per token is
-#: below this: the model is guessing. (Whisper also rejects text that gzip compresses more than 2.4x;
-#: an IVR menu is that repetitive, and the fallback then lost it->en 27.3 -> 24.8 BLEU)
-LOGPROB_LIMIT = -1.0
 
 
 @dataclass
@@ -175,27 +169,10 @@ def transcribe_offline(path: str | Path, bundle: WhisperBundle, asr: ASRConfig) 
 
 def decode_with_fallback(model, tok, feats, prompt: list[int], filters: list, max_tokens: int = 224) -> Decoded:
     """A whole window decoded as Whisper's own recipe does: greedily, and where that fails (a loop,
-    or a low average log-probability) sampled again at rising temperatures until a decode passes;
-    if none does, the most likely of them. Sampling is seeded per window, so a file gives the same
-    text every run."""
-    d = decode(model, tok, feats, prompt, [], filters, max_tokens=max_tokens)
-    tried = [d]
-    generator = torch.Generator().manual_seed(0)
-    for temperature in FALLBACK_TEMPERATURES:
-        if not _failed(d):
-            return d
-        d = decode(model, tok, feats, prompt, [], filters, max_tokens=max_tokens, temperature=temperature,
-                   generator=generator)
-        tried.append(d)
-    return d if not _failed(d) else max(tried, key=_avg_logprob)
-
-
-def _avg_logprob(d: Decoded) -> float:
-    return sum(d.logprobs) / (len(d.logprobs) + 1)  # + 1: the end of text, as Whisper counts
-
-
-def _failed(d: Decoded) -> bool:
-    return d.hit_limit or _avg_logprob(d) < LOGPROB_LIMIT
+    or a low average log-probability) sampled again at rising temperatures (``with_fallback``)."""
+    return with_fallback(decode(model, tok, feats, prompt, [], filters, max_tokens=max_tokens),
+                         lambda t, g: decode(model, tok, feats, prompt, [], filters, max_tokens=max_tokens,
+                                             temperature=t, generator=g))
 
 
 def run_streaming(path, bundle, cfg, asr, pace) -> Transcript:
