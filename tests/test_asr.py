@@ -111,6 +111,33 @@ def test_long_speech_is_cut_at_stable_words_and_cost_stays_flat(tiny):
     assert text.count("ill disposed") + text.count("ill-disposed") >= 2
 
 
+def test_a_window_without_commits_is_closed_before_whisper_cannot_see_it(tiny):
+    """With max_window_s at its bound (28 s) and no word ever agreed on (a translation waiting for
+    a clause), the window is closed whole before it outgrows Whisper's 30 s: the encoder never
+    sees more than 29.5 s, and the speech comes out as finals (it used to raise "audio longer
+    than 30 s cannot be encoded" at 30 s)."""
+    clips = [read_audio(librivox(u)) for u in ("0870", "0880", "0890", "0920", "0930")]
+    speech = np.concatenate(clips * 2)[: 40 * RATE]
+    rec = StreamingRecognizer(tiny, ASRConfig(max_window_s=28.0))
+    rec._agree = lambda s, d: []  # nothing is ever committed
+    windows = []
+    encode = rec._encode
+    rec._encode = lambda s, audio, final=False: (windows.append(len(audio) / RATE), encode(s, audio, final))[1]
+    rs = rec.init_state()
+    out = []
+    for i in range(0, len(speech), 320):
+        if i == 0:
+            rec.push(rs, speech[:0], 0.0)
+            rec.start(rs, 0.0)
+        out += rec.push(rs, speech[i : i + 320], i / RATE)
+    out += rec.finish(rs)
+    finals = [f for f in out if isinstance(f, FinalText)]
+    assert max(windows) <= 29.5, max(windows)
+    assert len(finals) >= 2 and finals[0].continued and 27.0 <= finals[0].pts <= 29.0, finals
+    text = " ".join(f.text for f in finals).lower()
+    assert "dashwood" in text and "prudently" in text, text
+
+
 @pytest.mark.parametrize(
     "name,signal",
     [

@@ -32,6 +32,9 @@ from .hotwords import HotwordBoost, parse_hotwords, prompt_text
 log = logging.getLogger(__name__)
 
 MAX_ENCODE_S = 29.5  # Whisper's encoder sees 30 s at most
+#: a window in which nothing was committed is closed whole this long after ``max_window_s``, and
+#: a second before MAX_ENCODE_S at the latest (its last partial step must still see it all)
+OVERDUE_S = 5.0
 STEPS_KEPT = 1000  # ASRState.step_seconds keeps the last 1000 to 2000 step times
 TRIM_EVERY_S = 10.0  # release_memory() at most this often, in seconds of audio
 #: audio kept between utterances beyond the pre-roll: VAD reports a start up to this late (its
@@ -215,9 +218,10 @@ class StreamingRecognizer:
                 self._prepare(state)  # (once the audio up to the ending has arrived)
                 return []  # silence: no partial steps while VAD decides
             self.resume(state)  # VAD neither ended the utterance nor said the voice came back
-        overdue = end - state.window_start > self.config.max_window_s + 5
-        if overdue:
+        if end > self._close_at(state):
             # even when behind real time the window must not outgrow what Whisper can see
+            if end - state.window_start > MAX_ENCODE_S:  # (a push of more than that at once)
+                return self._final(state, end, continued=True)
             return self._partial(state, end)
         if not hypothesise or (end - state.last_decode_end) * 1000 < self.config.step_ms:
             return []
@@ -303,6 +307,10 @@ class StreamingRecognizer:
         if now - s.trimmed_at >= TRIM_EVERY_S:
             s.trimmed_at = now
             release_memory()
+
+    def _close_at(self, s: ASRState) -> float:
+        """When a window with nothing committed is closed whole (``OVERDUE_S``)."""
+        return s.window_start + min(self.config.max_window_s + OVERDUE_S, MAX_ENCODE_S - 1.0)
 
     def _buf_end(self, s: ASRState) -> float:
         return (s.buf_start or 0.0) + len(s.buf) / INTERNAL_RATE
@@ -486,7 +494,7 @@ class StreamingRecognizer:
         """A long window: emit the committed words as a final segment and start the window after
         them, so the encoder never sees more than ``max_window_s`` and cost stays flat."""
         if not s.committed:
-            if end - s.window_start < self.config.max_window_s + 5:
+            if end <= self._close_at(s):
                 return []
             return self._final(s, end, continued=True)  # no agreement for too long: close it all
         tok = self.m.tokenizer
