@@ -275,3 +275,36 @@ def test_silence_and_wrong_language(base, tmp_path):
     # English speech, auto source, Spanish target: detected, then Apertium en->es
     r = _translate(base, asterisk("demo-thanks"), "auto", "es")
     assert r.source_language == "en" and r.engine == "per-utterance" and r.text.strip() and not r.warnings
+
+
+def test_a_translated_final_that_fails_is_sampled_again(base, monkeypatch):
+    """Whisper's temperature fallback in the streaming final of a translation (final_fallback =
+    "auto"): a greedy final the loop guard cut is decoded again at temperature 0.2, and that
+    sampled final is what the utterance says; a transcription's final is never resampled."""
+    import streaming.asr.recognizer as R
+    from streaming.asr.recognizer import ASRConfig, StreamingRecognizer
+    from streaming.audio_file import read_audio
+
+    real = R.decode
+    temperatures: list[float] = []
+
+    def greedy_always_loops(*args, temperature=0.0, **kw):
+        temperatures.append(temperature)
+        d = real(*args, temperature=temperature, **kw)
+        return replace(d, hit_limit=True) if temperature == 0 else d
+
+    monkeypatch.setattr(R, "decode", greedy_always_loops)
+    audio = read_audio(es("demo-nogo"))  # "Lo siento, no fue posible crear una conexión con el servidor..."
+    finals = {}
+    for task in ("translate", "transcribe"):
+        temperatures.clear()
+        rec = StreamingRecognizer(base, ASRConfig(task=task, language="es"))
+        s = rec.init_state()
+        rec.start(s, 0.0)
+        rec.push(s, audio, 0.0, hypothesise=False)  # no partials: the final decodes the whole utterance
+        finals[task] = " ".join(f.text for f in rec.end(s, len(audio) / 16000) if isinstance(f, FinalText))
+        finals[task, "temperatures"] = list(temperatures)
+    assert finals["translate", "temperatures"] == [0.0, 0.2], finals
+    text = finals["translate"].lower()
+    assert "connection" in text and "server" in text, text  # the sampled final is still the translation
+    assert finals["transcribe", "temperatures"] == [0.0] and "servidor" in finals["transcribe"].lower(), finals

@@ -8,8 +8,9 @@ While VAD reports speech, every ``step_ms`` of new audio the current utterance w
 which are forced as a prefix. LocalAgreement-n commits the words on which the last n hypotheses
 agree. When speech ends, a final pass decodes the whole window once more after the committed
 prefix, taking back words committed early (from a short window) where the whole utterance's audio
-contradicts them, and aligns words to the audio. Windows longer than ``max_window_s`` are cut after the last
-committed word; the committed text travels on as decoder context, so cost stays flat.
+contradicts them, and aligns words to the audio. Windows longer than ``max_window_s``
+(``clause_max_window_s`` where whole clauses are committed) are cut after the last committed
+word; the committed text travels on as decoder context, so cost stays flat.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from ..frames import INTERNAL_RATE, FinalText, Frame, PartialText, SpeechEnding,
 from ..models.whisper import EncoderCache, log_mel
 from ..models.whisper_load import WhisperBundle
 from .alignment import SECONDS_PER_POSITION, group_words, warm_up_alignment, word_timings
-from .decoder import Decoded, MinLength, build_prompt, decode, rules_filter
+from .decoder import Decoded, MinLength, build_prompt, decode, rules_filter, with_fallback
 from .hotwords import HotwordBoost, parse_hotwords, prompt_text
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,10 @@ class ASRConfig:
     commit: Literal["auto", "word", "clause"] = "auto"
     #: windows longer than this are cut after the last stable word, s (Whisper sees at most 30 s)
     max_window_s: Annotated[float, Field(ge=5, le=28)] = 20.0
+    #: the same where whole clauses are committed (translating): a clause waits until two
+    #: hypotheses agree on all of it, and a cut inside a sentence loses the words at the cut
+    #: (the next window's translation starts over without them)
+    clause_max_window_s: Annotated[float, Field(ge=5, le=28)] = 28.0
     #: "window": re-encode the whole utterance window each step; "cached": keep earlier chunks'
     #: keys and values and encode only the new audio (cheaper, but earlier audio never sees later)
     encoder: Literal["window", "cached"] = "window"
@@ -113,6 +118,10 @@ class ASRConfig:
     #: each decode takes the last hypothesis's uncommitted words as a draft, verified in its prefill:
     #: the tokens it chooses again cost no decoder step each (the same text, sooner; near ties aside)
     draft: bool = True
+    #: the final pass samples again at rising temperatures where its greedy decode looped or is
+    #: unsure (Whisper's temperature fallback); "auto": when translating, whose final the
+    #: simultaneous policy speaks as it comes
+    final_fallback: Literal["auto", "on", "off"] = "auto"
 
 
     def in_conversation(self) -> "ASRConfig":
@@ -171,6 +180,9 @@ class StreamingRecognizer:
         self._suppress = rules_filter(model.tokenizer, model.rules)
         #: commit whole clauses only (see ASRConfig.commit)
         self._clauses = c.commit == "clause" or (c.commit == "auto" and c.task == "translate")
+        #: windows longer than this are cut after the committed words
+        self._max_window = c.clause_max_window_s if self._clauses else c.max_window_s
+        self._fallback = c.final_fallback == "on" or (c.final_fallback == "auto" and c.task == "translate")
         warm_up_alignment()
 
     # -- state ------------------------------------------------------------------------------
@@ -310,7 +322,7 @@ class StreamingRecognizer:
 
     def _close_at(self, s: ASRState) -> float:
         """When a window with nothing committed is closed whole (``OVERDUE_S``)."""
-        return s.window_start + min(self.config.max_window_s + OVERDUE_S, MAX_ENCODE_S - 1.0)
+        return s.window_start + min(self._max_window + OVERDUE_S, MAX_ENCODE_S - 1.0)
 
     def _buf_end(self, s: ASRState) -> float:
         return (s.buf_start or 0.0) + len(s.buf) / INTERNAL_RATE
@@ -361,7 +373,8 @@ class StreamingRecognizer:
         carried = s.context[-n:] if n else []  # (a [-0:] slice would keep everything)
         return build_prompt(self.m.tokenizer, (s.hotword_prompt if hotwords else []) + carried, self._sot(s, feats))
 
-    def _decode(self, s: ASRState, feats: torch.Tensor, seconds: float, revise: bool = False) -> Decoded:
+    def _decode(self, s: ASRState, feats: torch.Tensor, seconds: float, revise: bool = False,
+                temperature: float = 0.0, generator: torch.Generator | None = None) -> Decoded:
         tok = self.m.tokenizer
         prompt = self._prompt(s, feats)
         filters = [self._suppress]
@@ -377,8 +390,9 @@ class StreamingRecognizer:
         budget = max(4, int(self.config.max_tokens_per_second * seconds) + 4 - len(forced))
         s.decodes += 1
         draft = self._draft(s)
+        sampling = dict(temperature=temperature, generator=generator)
         d = decode(self.m.model, tok, feats, prompt, forced, filters, max_tokens=budget, revisable=revisable,
-                   revise_margin=self.config.final_revision, draft=draft)
+                   revise_margin=self.config.final_revision, draft=draft, **sampling)
         if d.hit_limit and s.hotword_prompt:
             # a loop or a runaway: Whisper copying its prompt (a hotword list written over the
             # first words, or repeated after the last), as tiny.en does where the audio is unclear.
@@ -386,7 +400,8 @@ class StreamingRecognizer:
             s.decodes += 1
             log.debug("prompted decode looped (%r); again without the hotword prompt", d.text)
             d = decode(self.m.model, tok, feats, self._prompt(s, feats, hotwords=False), forced, filters,
-                       max_tokens=budget, revisable=revisable, revise_margin=self.config.final_revision, draft=draft)
+                       max_tokens=budget, revisable=revisable, revise_margin=self.config.final_revision, draft=draft,
+                       **sampling)
         return d
 
     def _draft(self, s: ASRState) -> list[int]:
@@ -439,7 +454,7 @@ class StreamingRecognizer:
         s.step_seconds.append(time.perf_counter() - t0)
         if len(s.step_seconds) > 2 * STEPS_KEPT:
             del s.step_seconds[:-STEPS_KEPT]
-        if (end - s.window_start) > self.config.max_window_s:
+        if (end - s.window_start) > self._max_window:
             out.extend(self._cut(s, feats, end, d))
         return out
 
@@ -492,7 +507,7 @@ class StreamingRecognizer:
 
     def _cut(self, s: ASRState, feats: torch.Tensor, end: float, latest: Decoded) -> list[Frame]:
         """A long window: emit the committed words as a final segment and start the window after
-        them, so the encoder never sees more than ``max_window_s`` and cost stays flat."""
+        them, so the encoder never sees more than the window bound and cost stays flat."""
         if not s.committed:
             if end <= self._close_at(s):
                 return []
@@ -524,7 +539,7 @@ class StreamingRecognizer:
         while end - s.window_start > MAX_ENCODE_S:
             # a window Whisper cannot see at once (only after a long stretch without
             # hypotheses): close it in pieces
-            out += self._final(s, s.window_start + self.config.max_window_s, continued=True)
+            out += self._final(s, s.window_start + self._max_window, continued=True)
         prepared, s.prepared, s.ending = s.prepared, None, None
         if prepared is not None and prepared[0] == self._final_key(s, end):
             result = prepared[1]
@@ -564,7 +579,10 @@ class StreamingRecognizer:
         if len(audio) < self.config.min_utterance_ms / 1000 * INTERNAL_RATE:
             return None
         feats, real = self._encode(s, audio, final=True)
-        d = self._decode(s, feats, len(audio) / INTERNAL_RATE - s.lead, revise=True)
+        seconds = len(audio) / INTERNAL_RATE - s.lead
+        d = self._decode(s, feats, seconds, revise=True)
+        if self._fallback:
+            d = with_fallback(d, lambda t, g: self._decode(s, feats, seconds, revise=True, temperature=t, generator=g))
         tokens = s.committed[: d.kept_forced] + d.tokens
         logprobs = s.committed_logprobs[: d.kept_forced] + d.logprobs
         if d.kept_forced < len(s.committed):
