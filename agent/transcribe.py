@@ -170,9 +170,11 @@ def transcribe_offline(path: str | Path, bundle: WhisperBundle, asr: ASRConfig) 
 def decode_with_fallback(model, tok, feats, prompt: list[int], filters: list, max_tokens: int = 224) -> Decoded:
     """A whole window decoded as Whisper's own recipe does: greedily, and where that fails (a loop,
     or a low average log-probability) sampled again at rising temperatures (``with_fallback``)."""
-    return with_fallback(decode(model, tok, feats, prompt, [], filters, max_tokens=max_tokens),
-                         lambda t, g: decode(model, tok, feats, prompt, [], filters, max_tokens=max_tokens,
-                                             temperature=t, generator=g))
+    def run(temperature=0.0, generator=None):
+        return decode(model, tok, feats, prompt, [], filters, max_tokens=max_tokens, temperature=temperature,
+                      generator=generator)
+
+    return with_fallback(run(), run)
 
 
 def run_streaming(path, bundle, cfg, asr, pace) -> Transcript:

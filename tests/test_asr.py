@@ -124,11 +124,10 @@ def test_a_window_without_commits_is_closed_before_whisper_cannot_see_it(tiny):
     encode = rec._encode
     rec._encode = lambda s, audio, final=False: (windows.append(len(audio) / RATE), encode(s, audio, final))[1]
     rs = rec.init_state()
+    rec.push(rs, speech[:0], 0.0)  # the stream starts at 0 ...
+    rec.start(rs, 0.0)  # ... with speech
     out = []
     for i in range(0, len(speech), 320):
-        if i == 0:
-            rec.push(rs, speech[:0], 0.0)
-            rec.start(rs, 0.0)
         out += rec.push(rs, speech[i : i + 320], i / RATE)
     out += rec.finish(rs)
     finals = [f for f in out if isinstance(f, FinalText)]

@@ -580,9 +580,11 @@ class StreamingRecognizer:
             return None
         feats, real = self._encode(s, audio, final=True)
         seconds = len(audio) / INTERNAL_RATE - s.lead
-        d = self._decode(s, feats, seconds, revise=True)
-        if self._fallback:
-            d = with_fallback(d, lambda t, g: self._decode(s, feats, seconds, revise=True, temperature=t, generator=g))
+
+        def run(temperature=0.0, generator=None):
+            return self._decode(s, feats, seconds, revise=True, temperature=temperature, generator=generator)
+
+        d = with_fallback(run(), run) if self._fallback else run()
         tokens = s.committed[: d.kept_forced] + d.tokens
         logprobs = s.committed_logprobs[: d.kept_forced] + d.logprobs
         if d.kept_forced < len(s.committed):
