@@ -475,6 +475,114 @@ def test_offline_decoding_falls_back_to_sampling_only_where_greedy_fails(monkeyp
     assert run([looped] + [unsure] * 5)[0] is looped
 
 
+class _TableDecoder:
+    """A decoder whose next-token log-probabilities depend only on the text so far (``table``:
+    text tuple -> {token: probability}, no other token possible; a text not in it ends). Its self-attention cache
+    holds the token ids themselves, so a beam reordered wrongly reads another beam's text."""
+
+    EOT = 9
+
+    def __init__(self, table):
+        self.table = table
+        self.steps = []
+
+    def cross_cache(self, features):
+        from streaming.models.whisper import DecoderCache
+
+        return DecoderCache()
+
+    def __call__(self, tokens, cache, last=None, **_):
+        import torch
+
+        ids = tokens.float()[:, None, :, None]
+        if cache.self_k:
+            cache.self_k[0] = torch.cat([cache.self_k[0], ids], dim=2)
+            cache.self_v[0] = cache.self_k[0]
+        else:
+            cache.self_k, cache.self_v = [ids], [ids]
+        self.steps.append(tokens.shape[0])
+        history = cache.self_k[0][:, 0, :, 0].long().tolist()
+        rows = torch.full((len(history), 10), -torch.inf)
+        for b, h in enumerate(history):
+            text = tuple(h[1:])  # after the one-token prompt
+            for t, p in self.table.get(text, {self.EOT: 1.0}).items():
+                rows[b, t] = float(np.log(p))
+        return rows[:, None, :]
+
+
+class _Model:
+    def __init__(self, table):
+        self.decoder = _TableDecoder(table)
+
+
+class _Tok:
+    eot = _TableDecoder.EOT
+
+    def decode(self, tokens):
+        return " ".join(map(str, tokens))
+
+
+def test_beam_search_finds_the_likelier_text_that_greedy_passes_by():
+    """Greedy takes 1 (0.6) and then has only weak choices (0.4 at best); a beam keeps 2 (0.4),
+    whose continuation 5 is near certain: 0.4 * 0.95 beats 0.6 * 0.4. The beams are reordered between
+    steps (the cache holds each beam's own text), and beam 1 is exactly greedy."""
+    import torch
+
+    from streaming.asr.decoder import beam_decode, decode
+
+    table = {
+        (): {1: 0.6, 2: 0.4},
+        (1,): {3: 0.4, 4: 0.3, 6: 0.2, 9: 0.1},
+        (2,): {5: 0.95, 9: 0.05},
+        (1, 3): {9: 1.0}, (1, 4): {9: 1.0}, (1, 6): {9: 1.0}, (2, 5): {9: 1.0},
+    }
+    feats = torch.zeros(1, 1, 1)
+    greedy = decode(_Model(table), _Tok(), feats, [0], [], [], 10)
+    assert greedy.tokens == [1, 3]
+    assert beam_decode(_Model(table), _Tok(), feats, [0], [], 10, beam_size=1).tokens == greedy.tokens
+    model = _Model(table)
+    beam = beam_decode(model, _Tok(), feats, [0], [], 10, beam_size=3)
+    assert beam.tokens == [2, 5] and not beam.hit_limit
+    assert beam.logprobs == pytest.approx([np.log(0.4), np.log(0.95)], abs=1e-5)
+    assert model.decoder.steps[0] == 1 and max(model.decoder.steps) == 3  # one prefill, then a batch
+
+
+def test_beam_search_drops_a_looping_beam_and_marks_a_decode_of_nothing_but_loops():
+    """A beam caught by the loop guard leaves the search (the other one's text stands); where every
+    beam loops, the best loop is returned cut to one copy with ``hit_limit``, for the fallback."""
+    import torch
+
+    from streaming.asr.decoder import beam_decode
+
+    feats = torch.zeros(1, 1, 1)
+    loop = {(1,) * n: {1: 0.9, 9: 0.1} for n in range(12)}
+    table = {**loop, (): {1: 0.7, 2: 0.3}, (2,): {5: 0.5, 9: 0.5}}
+    # 1 1 1 ... is likelier per token than "2 5", but loops
+    beam = beam_decode(_Model(table), _Tok(), feats, [0], [], 20, beam_size=2)
+    assert beam.tokens[0] == 2 and not beam.hit_limit
+    only_loops = {(1,) * n: {1: 1.0} for n in range(12)}
+    beam = beam_decode(_Model(only_loops), _Tok(), feats, [0], [], 20, beam_size=2)
+    assert beam.hit_limit and beam.tokens == [1]
+
+
+def test_offline_beam_search_on_real_speech_matches_greedy_at_one_beam(tiny):
+    from streaming.asr.decoder import beam_decode, decode, rules_filter
+    from streaming.models.whisper import log_mel
+
+    tok = tiny.tokenizer
+    feats = tiny.model.encode(log_mel(read_audio(librivox("0870")), tiny.dims.n_mels, pad_to=30 * RATE))
+    f = [rules_filter(tok, tiny.rules)]
+    greedy = decode(tiny.model, tok, feats, tok.prompt(None), [], f, 100)
+    assert beam_decode(tiny.model, tok, feats, tok.prompt(None), f, 100, beam_size=1).tokens == greedy.tokens
+    beam = beam_decode(tiny.model, tok, feats, tok.prompt(None), f, 100, beam_size=5)
+    ref = "and mister john dashwood had then leisure to consider how much there might be prudently in his power to do for them"
+    import jiwer
+
+    assert jiwer.wer(ref, " ".join(words(beam.text)).replace("mr ", "mister ")) <= 0.1
+    # the text chosen is at least as likely per token as greedy's (that is what the search ranks)
+    assert sum(beam.logprobs) / len(beam.tokens) >= sum(greedy.logprobs) / len(greedy.tokens) - 0.05
+
+
 def test_sampled_decodes_repeat_with_the_same_seed(tiny):
     import torch
 

@@ -227,6 +227,91 @@ def decode(
                    kept_forced=len(forced), cache=cache, drafted=drafted)
 
 
+@dataclass
+class _Beam:
+    tokens: list[int]
+    logprobs: list[float]
+    #: sum of the tokens' log-probabilities (with the end of text once finished)
+    score: float
+    looped: bool = False
+
+
+@torch.inference_mode()
+def beam_decode(
+    model: Whisper,
+    tok: WhisperTokenizer,
+    features: torch.Tensor,
+    prompt: list[int],
+    filters: list[LogitFilter],
+    max_tokens: int,
+    beam_size: int = 5,
+    patience: float = 1.0,
+) -> Decoded:
+    """Beam search over ``prompt`` as Whisper's own decoder runs it at temperature 0: each step
+    extends every live beam by its ``beam_size + 1`` best tokens, keeps the ``beam_size`` best
+    unfinished sequences by summed log-probability, and sets aside those that end; it stops once
+    ``beam_size * patience`` have ended, and returns the one with the best log-probability per
+    token. The beams run as one batch on a shared copy of the prompt's keys and values (the
+    cross-attention is broadcast, not copied).
+
+    A beam that the loop guard (``_looping``) catches is dropped from the search; where nothing
+    but loops ended, the best loop stands, cut to one copy and marked ``hit_limit``, so that the
+    fallback samples again. Filters with a ``session`` (hotword boosting) are applied plainly:
+    the search itself weighs a boosted hotword against the model's own reading."""
+    if features.dim() == 2:
+        features = features.unsqueeze(0)
+    cache: DecoderCache = model.decoder.cross_cache(features)
+    rows = model.decoder(torch.tensor([prompt]), cache, last=1)[:, -1]  # [beams, vocab]
+    beams = [_Beam([], [], 0.0)]
+    done: list[_Beam] = []
+    loops: list[_Beam] = []
+    want = max(1, round(beam_size * patience))
+    for _ in range(max_tokens):
+        candidates: list[tuple[float, int, int, float]] = []  # (score, beam, token, logprob)
+        for b, beam in enumerate(beams):
+            row = rows[b].float().clone()
+            for f in filters:
+                f.apply(row, beam.tokens)
+            lp = torch.log_softmax(row, dim=-1)
+            top = torch.topk(lp, beam_size + 1)
+            for v, t in zip(top.values.tolist(), top.indices.tolist()):
+                if v > -torch.inf:
+                    candidates.append((beam.score + v, b, t, v))
+        candidates.sort(key=lambda c: -c[0])
+        nxt: list[_Beam] = []
+        parents: list[int] = []
+        for score, b, t, v in candidates:
+            beam = beams[b]
+            if t == tok.eot:
+                done.append(_Beam(beam.tokens, beam.logprobs, score))
+                continue
+            seq = [*beam.tokens, t]
+            repeat = _looping(seq)
+            if repeat:
+                keep = len(seq) - repeat
+                loops.append(_Beam(seq[:keep], [*beam.logprobs, v][:keep], score, looped=True))
+                continue
+            nxt.append(_Beam(seq, [*beam.logprobs, v], score))
+            parents.append(b)
+            if len(nxt) == beam_size:
+                break
+        if len(done) >= want or not nxt:
+            break
+        index = torch.tensor(parents)
+        cache.self_k = [k.index_select(0, index) for k in cache.self_k]
+        cache.self_v = [v.index_select(0, index) for v in cache.self_v]
+        beams = nxt
+        rows = model.decoder(torch.tensor([[b.tokens[-1]] for b in beams]), cache)[:, -1]
+    else:
+        # out of tokens: the live beams stand as they are, cut by the length limit
+        done += [_Beam(b.tokens, b.logprobs, b.score, looped=True) for b in beams]
+    pool = [b for b in done if not b.looped] or done or loops
+    if not pool:
+        return Decoded([], [], prompt, hit_limit=True)
+    best = max(pool, key=lambda b: b.score / max(1, len(b.tokens)))
+    return Decoded(best.tokens, best.logprobs, prompt, hit_limit=best.looped, text=tok.decode(best.tokens).strip())
+
+
 def avg_logprob(d: Decoded) -> float:
     return sum(d.logprobs) / (len(d.logprobs) + 1)  # + 1: the end of text, as Whisper counts
 

@@ -339,6 +339,12 @@ class Decoder(nn.Module):
                 o = w @ cache.cross_v[i]
                 b, hh, t, dh = o.shape
                 x = x + layer.encoder_attn.out_proj(o.transpose(1, 2).reshape(b, t, hh * dh))
+            elif cache.cross_k[i].shape[0] == 1 and h.shape[0] > 1:
+                # beams over one encoder pass: their queries attend as positions of one row
+                # (exact, as cross-attention is not causal; broadcasting the keys is 8x slower)
+                b, t, d = h.shape
+                o = layer.encoder_attn.attend(h.reshape(1, b * t, d), cache.cross_k[i], cache.cross_v[i], causal=False)
+                x = x + o.view(b, t, d)
             else:
                 x = x + layer.encoder_attn.attend(h, cache.cross_k[i], cache.cross_v[i], causal=False)
             x = x + layer.fc2(F.gelu(layer.fc1(layer.final_layer_norm(x))))
