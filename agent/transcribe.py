@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from streaming.asr.decoder import Decoded, build_prompt, decode, rules_filter, with_fallback
+from streaming.asr.decoder import Decoded, beam_decode, build_prompt, decode, rules_filter, with_fallback
 from streaming.asr.hotwords import HotwordBoost, parse_hotwords, prompt_text
 from streaming.asr.recognizer import ASRConfig, StreamingRecognizer, detect_language
 from streaming.asr.stage import ASRStage
@@ -135,8 +135,8 @@ def _duration(path: str | Path) -> float:
 @torch.inference_mode()
 def transcribe_offline(path: str | Path, bundle: WhisperBundle, asr: ASRConfig) -> Transcript:
     """Plain whole-file decoding for comparison: 30 s windows padded as Whisper was trained,
-    each decoded greedily (with Whisper's temperature fallback where that fails) with the previous
-    window's text as context."""
+    each decoded by beam search (``asr.offline_beam_size``; 1: greedily), with Whisper's
+    temperature fallback where that fails, and the previous window's text as context."""
     t0 = time.perf_counter()
     audio = read_audio(path)
     tok = bundle.tokenizer
@@ -156,7 +156,7 @@ def transcribe_offline(path: str | Path, bundle: WhisperBundle, asr: ASRConfig) 
         sot = tok.prompt(language if bundle.multilingual else None, asr.task)
         carried = context[-asr.context_tokens :] if asr.context_tokens else []
         prompt = build_prompt(tok, hot_prompt + carried, sot)
-        d = decode_with_fallback(bundle.model, tok, feats, prompt, filters)
+        d = decode_with_fallback(bundle.model, tok, feats, prompt, filters, beam_size=asr.offline_beam_size)
         real = len(chunk) // 320 + 1
         words += word_timings(bundle.model, tok, feats, prompt, d.tokens, d.logprobs, bundle.alignment_heads, start / 16000, real)
         texts.append(tok.decode(d.tokens).strip())
@@ -167,14 +167,17 @@ def transcribe_offline(path: str | Path, bundle: WhisperBundle, asr: ASRConfig) 
     )
 
 
-def decode_with_fallback(model, tok, feats, prompt: list[int], filters: list, max_tokens: int = 224) -> Decoded:
-    """A whole window decoded as Whisper's own recipe does: greedily, and where that fails (a loop,
-    or a low average log-probability) sampled again at rising temperatures (``with_fallback``)."""
+def decode_with_fallback(model, tok, feats, prompt: list[int], filters: list, max_tokens: int = 224,
+                         beam_size: int = 1) -> Decoded:
+    """A whole window decoded as Whisper's own recipe does: greedily (``beam_size`` 1) or by beam
+    search, and where that fails (a loop, or a low average log-probability) sampled again at rising
+    temperatures (``with_fallback``)."""
     def run(temperature=0.0, generator=None):
         return decode(model, tok, feats, prompt, [], filters, max_tokens=max_tokens, temperature=temperature,
                       generator=generator)
 
-    return with_fallback(run(), run)
+    first = beam_decode(model, tok, feats, prompt, filters, max_tokens, beam_size) if beam_size > 1 else run()
+    return with_fallback(first, run)
 
 
 def run_streaming(path, bundle, cfg, asr, pace) -> Transcript:
