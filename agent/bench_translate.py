@@ -10,8 +10,11 @@ Systems, all on the same Whisper weights:
   stable words, replayed on a virtual clock that charges every step its measured compute time
   (live latencies without idle waiting; see ``bench_asr``); the output is the emitted segments,
   never revised;
-* ``offline``: our whole-file decoding (30 s windows) with the ``translate`` task;
-* ``fw``: faster-whisper ``task="translate"`` on the same CTranslate2 files, greedy, offline;
+* ``offline``: our whole-file decoding (30 s windows) with the ``translate`` task, by beam search
+  (``asr.offline_beam_size``, 5 as Whisper's default; 1: greedy); ``offline-greedy``: the same,
+  greedy, as the streaming recogniser decodes (the streaming/offline ratio with the same decoding);
+* ``fw``: faster-whisper ``task="translate"`` on the same CTranslate2 files, offline, with the same
+  beam size as ours (``fw-int8``: in CTranslate2's int8);
 * ``cascade`` (optional): our streaming recogniser transcribing the source, each emitted segment
   translated by Apertium (pivoting through Spanish where there is no direct pair).
 
@@ -45,8 +48,9 @@ BLOCK = 320  # 20 ms frames, as the live pipeline
 SYSTEMS = {
     "streaming": "ours, streaming (simultaneous)",
     "offline": "ours, offline (whole file)",
-    "fw": "faster-whisper, offline, greedy",
-    "fw-int8": "faster-whisper, offline, greedy, int8 (CTranslate2's per-row int8, as our int8-row)",
+    "offline-greedy": "ours, offline (whole file), greedy",
+    "fw": "faster-whisper, offline",
+    "fw-int8": "faster-whisper, offline, int8 (CTranslate2's per-row int8, as our int8-row)",
     "cascade": "ours streaming ASR + Apertium",
 }
 DEFAULT_SYSTEMS = ("streaming", "offline", "fw")
@@ -186,9 +190,9 @@ def faster_whisper(ct2_dir: Path, compute_type: str = "float32"):
     return WhisperModel(str(ct2_dir), device="cpu", compute_type=compute_type, cpu_threads=1)
 
 
-def run_fw(model, audio: np.ndarray, language: str) -> Run:
+def run_fw(model, audio: np.ndarray, language: str, beam_size: int = 1) -> Run:
     t = time.perf_counter()
-    segs, _ = model.transcribe(audio, language=language, task="translate", beam_size=1, vad_filter=False,
+    segs, _ = model.transcribe(audio, language=language, task="translate", beam_size=beam_size, vad_filter=False,
                                without_timestamps=True)
     text = " ".join(s.text.strip() for s in segs)
     dt = time.perf_counter() - t
@@ -282,13 +286,15 @@ def bench_language(source: str, target: str, rows: list[Row], bundle, fw_models:
             for a in audio:
                 runs.append(replay(rec, vad, a, policy, tr))
                 progress and progress()
-        elif name == "offline":
+        elif name in ("offline", "offline-greedy"):
+            beam = 1 if name == "offline-greedy" else asr.offline_beam_size
             for r in rows:
-                runs.append(run_offline(bundle, r.path, replace(asr, task="translate", language=source)))
+                runs.append(run_offline(bundle, r.path, replace(asr, task="translate", language=source,
+                                                                offline_beam_size=beam)))
                 progress and progress()
         elif name in ("fw", "fw-int8"):
             for a in audio:
-                runs.append(run_fw(fw_models[name], a, source))
+                runs.append(run_fw(fw_models[name], a, source, asr.offline_beam_size))
                 progress and progress()
         out["systems"][name] = score(runs, refs)
         samples[name] = [r.text for r in runs]
@@ -304,7 +310,8 @@ def _fmt(x, nd=2):
 def markdown(results: list[dict], meta: dict) -> str:
     lines = [f"# bench translate: {meta['model']} ({meta['precision']}), policy {meta['policy']}", "",
              "BLEU and chrF on normalised text; AL (computation-aware, and on audio read) and ending offset in s, p50; "
-             "RTF = compute / audio (one thread).", "",
+             f"RTF = compute / audio (one thread). Offline systems (ours and faster-whisper): beam {meta['beam']} "
+             "(asr.offline_beam_size; 1 = greedy).", "",
              "| pair | system | files | BLEU | chrF | AL CA p50 | AL p50 | ending offset p50 | EO p90 | RTF |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for res in results:
@@ -316,13 +323,21 @@ def markdown(results: list[dict], meta: dict) -> str:
     lines.append("")
     for res in results:
         st = res["systems"]
-        if "streaming" in st and "offline" in st and st["offline"]["bleu"]:
-            r = st["streaming"]["bleu"] / st["offline"]["bleu"]
-            eo = st["streaming"]["ending_offset_s"]
-            lines.append(f"* {res['source']}->{res['target']}: streaming/offline BLEU = {r:.2f} (target >= 0.9), "
-                         f"ending offset p50 {_fmt(eo['p50'] if eo else None)} s (target <= 2.0)"
-                         + (f"; offline {st['offline']['bleu']:.1f} vs faster-whisper {st['fw']['bleu']:.1f}"
-                            if "fw" in st else ""))
+        if "streaming" not in st:
+            continue
+        eo = st["streaming"]["ending_offset_s"]
+        ratios = [f"{st['streaming']['bleu'] / st[o]['bleu']:.2f} against offline {how}"
+                  for o, how in (("offline", f"beam {meta['beam']}"), ("offline-greedy", "greedy"))
+                  if o in st and st[o]["bleu"]]
+        if ratios:
+            lines.append(f"* {res['source']}->{res['target']}: streaming/offline BLEU = {'; '.join(ratios)} "
+                         f"(target >= 0.9), ending offset p50 {_fmt(eo['p50'] if eo else None)} s (target <= 2.0)")
+    for res in results:
+        st = res["systems"]
+        peers = [f"{kind} {st[f]['bleu']:.1f}" for f, kind in (("fw", "fp32"), ("fw-int8", "int8")) if f in st]
+        if "offline" in st and peers:
+            lines.append(f"* {res['source']}->{res['target']}: offline {st['offline']['bleu']:.1f} vs faster-whisper "
+                         + ", ".join(peers) + f" (beam {meta['beam']}; target: ours >= faster-whisper)")
     return "\n".join(lines) + "\n"
 
 
@@ -336,7 +351,7 @@ def run_bench_translate(args, cfg) -> int:
     systems = parse_systems(args.systems)
     sources = [s.strip() for s in args.source.split(",") if s.strip()]
     data = {s: load_rows(args.manifest, s, args.target, args.limit) for s in sources}
-    if args.target != "en" and any(s in systems for s in ("streaming", "offline", "fw", "fw-int8")):
+    if args.target != "en" and any(s in systems for s in ("streaming", "offline", "offline-greedy", "fw", "fw-int8")):
         raise DuplexError("Whisper translates into English only: use --target en, or --systems cascade")
     resolver = models.resolver_for(cfg.models.cache_dir)
     bundle = resolver.whisper(args.model, cfg.models.asr_precision)
@@ -351,7 +366,7 @@ def run_bench_translate(args, cfg) -> int:
             results.append(bench_language(s, args.target, rows, bundle, fw_models, cfg.asr, cfg.vad,
                                           cfg.translate.policy_config(), systems, bar.update))
     meta = {"model": args.model, "precision": cfg.models.asr_precision, "policy": cfg.translate.policy,
-            "limit": args.limit, "systems": systems}
+            "limit": args.limit, "systems": systems, "beam": cfg.asr.offline_beam_size}
     report = markdown(results, meta)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "translate.md").write_text(report)
