@@ -565,6 +565,21 @@ def test_beam_search_drops_a_looping_beam_and_marks_a_decode_of_nothing_but_loop
     assert beam.hit_limit and beam.tokens == [1]
 
 
+def test_beam_search_goes_on_past_unlikely_ends_until_a_likely_one():
+    """An end of text that merely ranks among a step's candidates (p = 0.05 after each of the first
+    words) must not end the search once five such have piled up: a 73 s file's first window ended
+    on "if" that way. The search goes on while a live beam reads better per token."""
+    import torch
+
+    from streaming.asr.decoder import beam_decode
+
+    words = [1, 2, 3, 4, 5, 6, 7, 8]
+    table = {tuple(words[:n]): {words[n]: 0.9, 0: 0.05, 9: 0.05} for n in range(len(words))}
+    table[tuple(words)] = {9: 1.0}
+    beam = beam_decode(_Model(table), _Tok(), torch.zeros(1, 1, 1), [0], [], 20, beam_size=2)
+    assert beam.tokens == words
+
+
 def test_offline_beam_search_on_real_speech_matches_greedy_at_one_beam(tiny):
     from streaming.asr.decoder import beam_decode, decode, rules_filter
     from streaming.models.whisper import log_mel

@@ -236,6 +236,11 @@ class _Beam:
     looped: bool = False
 
 
+def _per_token(b: _Beam) -> float:
+    """What beam search ranks by: log-probability per token (Whisper's default length penalty)."""
+    return b.score / max(1, len(b.tokens))
+
+
 @torch.inference_mode()
 def beam_decode(
     model: Whisper,
@@ -250,9 +255,9 @@ def beam_decode(
     """Beam search over ``prompt`` as Whisper's own decoder runs it at temperature 0: each step
     extends every live beam by its ``beam_size + 1`` best tokens, keeps the ``beam_size`` best
     unfinished sequences by summed log-probability, and sets aside those that end; it stops once
-    ``beam_size * patience`` have ended, and returns the one with the best log-probability per
-    token. The beams run as one batch on a shared copy of the prompt's keys and values (the
-    cross-attention is broadcast, not copied).
+    ``beam_size * patience`` have ended and no live beam reads better per token than the best of
+    them, and returns the one with the best log-probability per token. The beams run as one batch
+    over the prompt's prefill, and share the one encoder pass's cross-attention keys and values.
 
     A beam that the loop guard (``_looping``) catches is dropped from the search; where nothing
     but loops ended, the best loop stands, cut to one copy and marked ``hit_limit``, so that the
@@ -295,7 +300,10 @@ def beam_decode(
             parents.append(b)
             if len(nxt) == beam_size:
                 break
-        if len(done) >= want or not nxt:
+        if not nxt or (len(done) >= want and _per_token(max(done, key=_per_token)) >= max(map(_per_token, nxt))):
+            # enough have ended, and none still going reads better per token than the best of them
+            # (Whisper stops at the count alone, and a long window then ended on its first word:
+            # an end of text that merely ranked among a step's best candidates, five times over)
             break
         index = torch.tensor(parents)
         cache.self_k = [k.index_select(0, index) for k in cache.self_k]
@@ -308,7 +316,7 @@ def beam_decode(
     pool = [b for b in done if not b.looped] or done or loops
     if not pool:
         return Decoded([], [], prompt, hit_limit=True)
-    best = max(pool, key=lambda b: b.score / max(1, len(b.tokens)))
+    best = max(pool, key=_per_token)
     return Decoded(best.tokens, best.logprobs, prompt, hit_limit=best.looped, text=tok.decode(best.tokens).strip())
 
 
