@@ -27,7 +27,7 @@ from .quantize import (
     quantize_logits,
     quantize_token_int8,
     quantize_weight_int8,
-    token_int8_available,
+    token_int8_fast,
 )
 from .whisper_text import DecodeRules, WhisperTokenizer
 
@@ -97,13 +97,20 @@ def load_folder(folder: Path, source: str, precision: str = "fp32") -> WhisperBu
         # its output projection): int8 weights, bf16 activations. Dynamic int8 gives activations one
         # scale per tensor, and the encoder's then cost translation most of its quality (es->en
         # 17.8 BLEU against 23.2; fp32 22.6), at 16 % more encoder time than int8-row
-        model.model.encoder = quantize_token_int8(model.model.encoder)
-        # the cross-attention keys and values of an encoder pass: 500 rows (10 s) per layer, where
-        # token-scaled int8 in one fused product is 4x quicker than 12 int8-weight/bf16 ones
-        # (base: 22 -> 5 ms each decode)
-        if token_int8_available():
-            model.decoder.cross_kv = TokenInt8Linear(fuse_cross_kv(model.decoder))
+        fused = fuse_cross_kv(model.decoder)
+        if token_int8_fast():
+            model.model.encoder = quantize_token_int8(model.model.encoder)
+            # the cross-attention keys and values of an encoder pass: 500 rows (10 s) per layer, where
+            # token-scaled int8 in one fused product is 4x quicker than 12 int8-weight/bf16 ones
+            # (base: 22 -> 5 ms each decode)
+            fused = TokenInt8Linear(fused)
+        else:
+            # no quick int8 product on this CPU (see token_int8_fast): the encoder and the fused
+            # cross-attention projection stay in float32, which keeps int8-tok's accuracy (dynamic
+            # int8 would lose it) at float32's speed
+            log.info("int8-tok: this CPU multiplies int8 matrices slowly; Whisper's encoder runs in float32")
         quantize_weight_int8(model.model.decoder)
+        model.decoder.cross_kv = fused  # after the swap, which would make a float32 one bf16
         model.decoder.logits_proj = quantize_logits(model.decoder.embed_tokens)
     elif precision == "int8-row":
         # every Linear with one scale per output row, and an int8 copy of the tied output
