@@ -40,7 +40,7 @@ import numpy as np
 from streaming.aec import AECConfig, EchoCanceller
 from streaming.audio_file import read_audio
 from streaming.errors import DuplexError
-from streaming.frames import INTERNAL_RATE, SpeechEnded, SpeechEnding, SpeechStarted
+from streaming.frames import INTERNAL_RATE
 from streaming.resample import resample
 from streaming.room import Room, RoomConfig
 from streaming.vad import TwoStageVAD, VADConfig
@@ -172,13 +172,7 @@ def time_canceller(config: AECConfig, mic: np.ndarray, ref: np.ndarray) -> dict:
 
 def vad_hops(vad: TwoStageVAD, audio: np.ndarray) -> tuple[np.ndarray, list[tuple[float, float]]]:
     """Per-10-ms speech mask and the segments of the two-stage detector."""
-    state = vad.init_state()
-    events = []
-    for i in range(0, len(audio), 480):
-        events += vad.step(state, audio[i : i + 480], i / RATE)
-    events += vad.finish(state)
-    segs = [(e.start, e.pts) for e in events if isinstance(e, SpeechEnded)]
-    assert all(isinstance(e, (SpeechStarted, SpeechEnding, SpeechEnded)) for e in events)
+    segs = vad.segments(audio)
     mask = np.zeros(int(np.ceil(len(audio) / CALL)), bool)
     for a, b in segs:
         mask[int(a * 100) : int(np.ceil(b * 100))] = True

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from streaming.asr.decoder import Decoded, beam_decode, build_prompt, decode, rules_filter, with_fallback
+from streaming.asr.decoder import Decoded, MinLength, beam_decode, build_prompt, decode, rules_filter, with_fallback
 from streaming.asr.hotwords import HotwordBoost, parse_hotwords, prompt_text
 from streaming.asr.recognizer import ASRConfig, StreamingRecognizer, detect_language
 from streaming.asr.stage import ASRStage
@@ -23,7 +23,7 @@ from streaming.models.whisper import log_mel
 from streaming.models.whisper_load import WhisperBundle
 from streaming.pipeline import Pipeline, Source
 from streaming.stages import Callback
-from streaming.vad import VADStage
+from streaming.vad import TwoStageVAD, VADStage
 
 from .config import DuplexConfig
 
@@ -133,12 +133,15 @@ def _duration(path: str | Path) -> float:
 
 
 @torch.inference_mode()
-def transcribe_offline(path: str | Path, bundle: WhisperBundle, asr: ASRConfig) -> Transcript:
+def transcribe_offline(path: str | Path, bundle: WhisperBundle, asr: ASRConfig,
+                       vad: TwoStageVAD | None = None) -> Transcript:
     """Plain whole-file decoding for comparison: 30 s windows padded as Whisper was trained,
     each decoded by beam search (``asr.offline_beam_size``; 1: greedily), with Whisper's
-    temperature fallback where that fails, and the previous window's text as context."""
+    temperature fallback where that fails, and the previous window's text as context. Windows
+    in which ``vad`` (the default two-stage detector) hears no speech are not decoded."""
     t0 = time.perf_counter()
     audio = read_audio(path)
+    speech = (vad or TwoStageVAD()).segments(audio)
     tok = bundle.tokenizer
     hot = parse_hotwords(asr.hotwords)
     biaser = HotwordBoost(tok, hot, asr.hotword_boost, asr.hotword_start_boost, asr.hotword_gate)
@@ -148,15 +151,23 @@ def transcribe_offline(path: str | Path, bundle: WhisperBundle, asr: ASRConfig) 
     language = asr.language
     for start in range(0, max(1, len(audio)), WINDOW):
         chunk = audio[start : start + WINDOW]
-        if len(chunk) < 1600:
-            continue
+        a, b = start / 16000, (start + len(chunk)) / 16000
+        voiced = sum(max(0.0, min(b, hi) - max(a, lo)) for lo, hi in speech)
+        if len(chunk) < 1600 or not voiced:
+            continue  # a window VAD hears no speech in: Whisper says "Thank you very much." to silence
         feats = bundle.model.encode(log_mel(chunk, bundle.dims.n_mels, pad_to=WINDOW))
         if bundle.multilingual and language == "auto":
             language = detect_language(bundle, feats)
         sot = tok.prompt(language if bundle.multilingual else None, asr.task)
         carried = context[-asr.context_tokens :] if asr.context_tokens else []
         prompt = build_prompt(tok, hot_prompt + carried, sot)
-        d = decode_with_fallback(bundle.model, tok, feats, prompt, filters, beam_size=asr.offline_beam_size)
+        # no end of text before the text holds min_tokens_per_second of the window's speech (as
+        # VAD marks it, beyond 1.5 s), as in the streaming recogniser: beam search otherwise
+        # collects the unlikely ends of its first steps, and a 30 s window of speech ended on "if".
+        # (Speech, not the window: a floor on silence would make the model invent words.)
+        floor = int(asr.min_tokens_per_second * (voiced - 1.5))
+        at_least = [MinLength(tok.eot, floor)] if floor > 0 else []
+        d = decode_with_fallback(bundle.model, tok, feats, prompt, filters + at_least, beam_size=asr.offline_beam_size)
         real = len(chunk) // 320 + 1
         words += word_timings(bundle.model, tok, feats, prompt, d.tokens, d.logprobs, bundle.alignment_heads, start / 16000, real)
         texts.append(tok.decode(d.tokens).strip())

@@ -208,6 +208,15 @@ class TwoStageVAD:
         state.hinted = False
         return events
 
+    def segments(self, audio: np.ndarray, block: int = 480) -> list[tuple[float, float]]:
+        """The (start, end) seconds of the speech in a whole clip, as the stream would mark them."""
+        state = self.init_state()
+        events: list[Frame] = []
+        for i in range(0, len(audio), block):
+            events += self.step(state, audio[i : i + block], i / INTERNAL_RATE)
+        events += self.finish(state)
+        return [(e.start, e.pts) for e in events if isinstance(e, SpeechEnded)]
+
     def reset(self, state: VADState) -> None:
         fresh = self.init_state()
         for f in fresh.__dataclass_fields__:

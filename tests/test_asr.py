@@ -565,19 +565,32 @@ def test_beam_search_drops_a_looping_beam_and_marks_a_decode_of_nothing_but_loop
     assert beam.hit_limit and beam.tokens == [1]
 
 
-def test_beam_search_goes_on_past_unlikely_ends_until_a_likely_one():
-    """An end of text that merely ranks among a step's candidates (p = 0.05 after each of the first
-    words) must not end the search once five such have piled up: a 73 s file's first window ended
-    on "if" that way. The search goes on while a live beam reads better per token."""
+def test_beam_search_stops_at_the_count_of_ends_and_a_length_floor_keeps_the_text():
+    """Whisper's rule: the search stops once ``beam_size`` texts have ended. An end of text that
+    merely ranks among a step's candidates (p = 0.05 after each of the first words) piles up that
+    count on the first words, as a 73 s file's first window once ended on "if"; the offline decoder
+    sets a ``MinLength`` floor from the window's length, and the whole text then comes out."""
     import torch
 
-    from streaming.asr.decoder import beam_decode
+    from streaming.asr.decoder import MinLength, beam_decode
 
     words = [1, 2, 3, 4, 5, 6, 7, 8]
-    table = {tuple(words[:n]): {words[n]: 0.9, 0: 0.05, 9: 0.05} for n in range(len(words))}
-    table[tuple(words)] = {9: 1.0}
-    beam = beam_decode(_Model(table), _Tok(), torch.zeros(1, 1, 1), [0], [], 20, beam_size=2)
-    assert beam.tokens == words
+
+    class ByPosition(dict):
+        """The next token's odds depend on the position alone: an unlikely end (or a 0) after each
+        of the first three words, a 0 after the later ones, and the end after the eighth."""
+
+        def get(self, text, default=None):
+            n = len(text)
+            if n == len(words):
+                return {_Tok.eot: 1.0}
+            return {words[n]: 0.9, 0: 0.05, _Tok.eot: 0.05} if n < 3 else {words[n]: 0.9, 0: 0.1}
+
+    feats = torch.zeros(1, 1, 1)
+    early = beam_decode(_Model(ByPosition()), _Tok(), feats, [0], [], 20, beam_size=2)
+    assert len(early.tokens) < 3, "count-only stop ends on the first words"
+    floored = beam_decode(_Model(ByPosition()), _Tok(), feats, [0], [MinLength(_Tok.eot, 3)], 20, beam_size=2)
+    assert floored.tokens == words
 
 
 def test_offline_beam_search_on_real_speech_matches_greedy_at_one_beam(tiny):
@@ -596,6 +609,27 @@ def test_offline_beam_search_on_real_speech_matches_greedy_at_one_beam(tiny):
     assert jiwer.wer(ref, " ".join(words(beam.text)).replace("mr ", "mister ")) <= 0.1
     # the text chosen is at least as likely per token as greedy's (that is what the search ranks)
     assert sum(beam.logprobs) / len(beam.tokens) >= sum(greedy.logprobs) / len(greedy.tokens) - 0.05
+
+
+def test_offline_beam_search_keeps_a_long_window_and_adds_nothing_to_silence(tmp_path):
+    """The offline decoder (beam 5, the default int8-tok base): a 73 s prompt keeps its first 30 s
+    window (five unlikely ends of text once stopped it at "if"), and 25 s of silence after speech
+    adds no words: the length floor counts the speech VAD hears, not the window, and a window of
+    silence is not decoded (Whisper heard "Thank you very much." in it)."""
+    import soundfile as sf
+
+    from agent.transcribe import transcribe_offline
+
+    base = ModelResolver().whisper("whisper:base", "int8-tok")
+    asr = ASRConfig(language="en")
+    assert asr.offline_beam_size == 5
+    heard = words(transcribe_offline(asterisk("demo-instruct"), base, asr).text)
+    assert " ".join(heard[:11]) == "if you would like to learn more technical information about asterisk"
+    assert len(heard) >= 120
+    clip = read_audio(librivox("0870"))
+    sf.write(tmp_path / "padded.wav", np.concatenate([clip, np.zeros(25 * RATE, np.float32)]), RATE)
+    plain = transcribe_offline(librivox("0870"), base, asr).text
+    assert words(transcribe_offline(tmp_path / "padded.wav", base, asr).text) == words(plain)
 
 
 def test_sampled_decodes_repeat_with_the_same_seed(tiny):
