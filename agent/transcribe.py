@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from streaming.asr.decoder import Decoded, MinLength, beam_decode, build_prompt, decode, rules_filter, with_fallback
+from streaming.asr.decoder import Decoded, beam_decode, build_prompt, decode, length_floor, rules_filter, with_fallback
 from streaming.asr.hotwords import HotwordBoost, parse_hotwords, prompt_text
 from streaming.asr.recognizer import ASRConfig, StreamingRecognizer, detect_language
 from streaming.asr.stage import ASRStage
@@ -165,8 +165,7 @@ def transcribe_offline(path: str | Path, bundle: WhisperBundle, asr: ASRConfig,
         # VAD marks it, beyond 1.5 s), as in the streaming recogniser: beam search otherwise
         # collects the unlikely ends of its first steps, and a 30 s window of speech ended on "if".
         # (Speech, not the window: a floor on silence would make the model invent words.)
-        floor = int(asr.min_tokens_per_second * (voiced - 1.5))
-        at_least = [MinLength(tok.eot, floor)] if floor > 0 else []
+        at_least = length_floor(tok.eot, asr.min_tokens_per_second, voiced)
         d = decode_with_fallback(bundle.model, tok, feats, prompt, filters + at_least, beam_size=asr.offline_beam_size)
         real = len(chunk) // 320 + 1
         words += word_timings(bundle.model, tok, feats, prompt, d.tokens, d.logprobs, bundle.alignment_heads, start / 16000, real)

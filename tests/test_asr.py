@@ -569,7 +569,7 @@ def test_beam_search_stops_at_the_count_of_ends_and_a_length_floor_keeps_the_tex
     """Whisper's rule: the search stops once ``beam_size`` texts have ended. An end of text that
     merely ranks among a step's candidates (p = 0.05 after each of the first words) piles up that
     count on the first words, as a 73 s file's first window once ended on "if"; the offline decoder
-    sets a ``MinLength`` floor from the window's length, and the whole text then comes out."""
+    sets a ``MinLength`` floor from the window's speech, and the whole text then comes out."""
     import torch
 
     from streaming.asr.decoder import MinLength, beam_decode

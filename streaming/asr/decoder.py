@@ -61,6 +61,13 @@ class MinLength:
             logits[self.eot] = -torch.inf
 
 
+def length_floor(eot: int, tokens_per_second: float, seconds: float) -> list[MinLength]:
+    """The ``MinLength`` filter for ``seconds`` of speech: no end of text before it holds
+    ``tokens_per_second`` of the speech beyond its first 1.5 s (none for shorter speech)."""
+    floor = int(tokens_per_second * (seconds - 1.5))
+    return [MinLength(eot, floor)] if floor > 0 else []
+
+
 @dataclass
 class Decoded:
     #: tokens generated after the forced prefix

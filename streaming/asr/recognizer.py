@@ -27,7 +27,7 @@ from ..frames import INTERNAL_RATE, FinalText, Frame, PartialText, SpeechEnding,
 from ..models.whisper import EncoderCache, log_mel
 from ..models.whisper_load import WhisperBundle
 from .alignment import SECONDS_PER_POSITION, group_words, warm_up_alignment, word_timings
-from .decoder import Decoded, MinLength, build_prompt, decode, rules_filter, with_fallback
+from .decoder import Decoded, build_prompt, decode, length_floor, rules_filter, with_fallback
 from .hotwords import HotwordBoost, parse_hotwords, prompt_text
 
 log = logging.getLogger(__name__)
@@ -385,9 +385,7 @@ class StreamingRecognizer:
         filters = [self._suppress]
         forced = s.committed
         revisable = self._revisable(s) if revise and forced and self.config.final_revision > 0 else None
-        floor = int(self.config.min_tokens_per_second * (seconds - 1.5))
-        if floor > 0:
-            filters.append(MinLength(tok.eot, floor))
+        filters += length_floor(tok.eot, self.config.min_tokens_per_second, seconds)
         if s.biaser:
             filters.append(s.biaser)  # last: it weighs the model's log-probabilities as the other filters leave them
         # the whole window's text may hold at most this many tokens: a hypothesis longer than
