@@ -229,12 +229,45 @@ def test_token_int8_linear_follows_fp32_for_any_number_of_rows():
         assert float((got - ref).norm() / ref.norm()) < 0.02, shape
 
 
-def test_int8_tok_whisper_transcribes_like_fp32(resolver, base):
-    """models.asr_precision = "int8-tok" (token-scaled int8 encoder, int8-weight bf16 decoder)."""
+def test_row_scaled_int8_linear_keeps_every_token_where_dynamic_int8_flattens_them():
+    """int8-tok on a CPU without a quick int8 product: fbgemm's dynamic int8 with each row scaled
+    to unit size. One loud token (x 200, as Whisper's encoder has) leaves the others within 3 % of
+    fp32, where plain dynamic int8, with one scale for the tensor, loses them."""
+    from streaming.models.quantize import RowScaledInt8Linear, quantize_int8
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(512, 384)
+    scaled, plain = RowScaledInt8Linear(lin), quantize_int8(torch.nn.Sequential(lin))[0]
+    for shape in [(1, 512), (500, 512), (2, 5, 512)]:
+        x = torch.randn(*shape) * torch.linspace(0.1, 3, shape[-1])
+        x.view(-1, 512)[0] *= 200.0
+        with torch.inference_mode():
+            ref, got, flat = lin(x), scaled(x), plain(x)
+        assert got.shape == ref.shape
+        quiet = ref.reshape(-1, 384)[1:]
+        if len(quiet):
+            err = float((got.reshape(-1, 384)[1:] - quiet).norm() / quiet.norm())
+            assert err < 0.03, (shape, err)
+            assert float((flat.reshape(-1, 384)[1:] - quiet).norm() / quiet.norm()) > 3 * err
+        assert float((got - ref).norm() / ref.norm()) < 0.03, shape
+
+
+@pytest.mark.parametrize("int_mm_quick", [None, False], ids=["this-cpu", "no-quick-int8"])
+def test_int8_tok_whisper_transcribes_like_fp32(resolver, base, monkeypatch, int_mm_quick):
+    """models.asr_precision = "int8-tok" (token-scaled int8 encoder, int8-weight bf16 decoder),
+    as this CPU runs it and as a CPU without a quick int8 product does (row-scaled dynamic int8)."""
     import jiwer
 
+    from streaming.models import whisper_load
+    from streaming.models.quantize import RowScaledInt8Linear, TokenInt8Linear
+
+    if int_mm_quick is not None:
+        monkeypatch.setattr(whisper_load, "token_int8_fast", lambda: int_mm_quick)
     quant = resolver.whisper("whisper:base", "int8-tok")
     assert quant.precision == "int8-tok"
+    kind = TokenInt8Linear if whisper_load.token_int8_fast() else RowScaledInt8Linear
+    assert isinstance(quant.model.model.encoder.layers[-1].fc2, kind)
+    assert isinstance(quant.model.decoder.cross_kv, kind)
     audio = read_audio(librivox("0870"))
     ref, got = transcribe(base, audio).text, transcribe(quant, audio).text
     assert jiwer.wer(" ".join(words(ref)), " ".join(words(got))) <= 0.1, (ref, got)

@@ -117,6 +117,37 @@ class TokenInt8Linear(torch.nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
+class RowScaledInt8Linear(torch.nn.Module):
+    """``TokenInt8Linear``'s numerics (int8 activations with one scale per token) through PyTorch's
+    dynamic int8 product (fbgemm), for CPUs where ``torch._int_mm`` is slow: each row of the input
+    is divided by its largest magnitude before the product and the output row multiplied back, so
+    the one scale per tensor that dynamic quantisation picks fits every token. Whisper base's
+    encoder with every layer so: output within 6.4 % of float32 on 10 s windows of Spanish prompts
+    (token int8: 4.3 %, dynamic int8 alone: 22 %), 236 ms a pass against 336 ms in float32 on an
+    AVX2-only AMD EPYC."""
+
+    def __init__(self, linear: torch.nn.Linear) -> None:
+        super().__init__()
+        plain = torch.nn.Linear(linear.in_features, linear.out_features, bias=False)
+        plain.weight = torch.nn.Parameter(linear.weight.detach().float().clone(), requires_grad=False)
+        self.product = quantize_int8(torch.nn.Sequential(plain))[0]
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.float()
+        scale = rows.abs().amax(dim=-1, keepdim=True).clamp(min=1e-8)
+        y = self.product(rows / scale) * scale
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype)
+
+
+def quantize_row_scaled_int8(model: torch.nn.Module) -> torch.nn.Module:
+    """Replace every ``nn.Linear`` by a ``RowScaledInt8Linear``, in place."""
+    return _swap_linears(model, RowScaledInt8Linear)
+
+
 def token_int8_available() -> bool:
     """Does this torch multiply int8 matrices on the CPU (``torch._int_mm``)?"""
     op = getattr(torch, "_int_mm", None)
