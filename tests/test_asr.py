@@ -411,6 +411,54 @@ def test_the_final_prepared_in_the_pause_is_the_final(tiny):
     assert "dashwood" in got[0].text.lower()
 
 
+def test_a_final_that_falls_back_is_prepared_one_decode_at_a_time(tiny):
+    """Where the prepared final's greedy decode fails, its fallback decodes run one per push while
+    VAD decides (none while the caller is behind), a voice that comes back stops them, and ``end``
+    finishes what is left: the same text as an ``end`` that ran them all at once."""
+    import copy
+    from dataclasses import replace as dc_replace
+
+    audio = np.concatenate([np.zeros(8000, np.float32), read_audio(librivox("0870")), np.zeros(16000, np.float32)])
+    rec = StreamingRecognizer(tiny, ASRConfig(final_fallback="on"))
+    real = rec._decode
+    temperatures = []
+
+    def decode(s, feats, seconds, revise=False, temperature=0.0, generator=None):
+        d = real(s, feats, seconds, revise=revise, temperature=temperature, generator=generator)
+        if revise:  # a final's decodes: greedy and the first sample fail
+            temperatures.append(temperature)
+            return dc_replace(d, hit_limit=True) if temperature < 0.3 else d
+        return d
+
+    rec._decode = decode
+    rs = rec.init_state()
+    rec.start(rs, 0.4)
+    stop = len(audio) - RATE
+    for i in range(0, stop, 320):
+        rec.push(rs, audio[i : i + 320], i / RATE)
+    end = stop / RATE - 0.1
+    rec.prepare_end(rs, end, end + 0.3)
+    assert temperatures == [0.0] and rs.prepared is None and rs.preparing is not None
+    resumed = copy.deepcopy(rs)
+    alone = copy.deepcopy(rs)
+    assert rec.push(rs, audio[stop : stop + 320], stop / RATE, False) == [] and temperatures == [0.0]  # behind
+    rec.push(rs, audio[stop + 320 : stop + 640], stop / RATE + 0.02)
+    assert temperatures == [0.0, 0.2] and rs.prepared is None
+    rec.push(rs, audio[stop + 640 : stop + 960], stop / RATE + 0.04)
+    assert temperatures == [0.0, 0.2, 0.4] and rs.prepared is not None and rs.preparing is None
+    got = rec.end(rs, end)
+    assert temperatures == [0.0, 0.2, 0.4], "the prepared final was used"
+    temperatures.clear()
+    expected = rec.end(alone, end)  # the rest of the fallback at once
+    assert temperatures == [0.2, 0.4]
+    assert [f.text for f in got] == [f.text for f in expected] and "dashwood" in got[0].text.lower()
+    temperatures.clear()
+    rec.resume(resumed)
+    assert resumed.preparing is None
+    rec.push(resumed, audio[stop : stop + 320], stop / RATE)
+    assert temperatures == []
+
+
 def test_the_final_revises_only_early_commits_and_never_whole_clauses(tiny):
     """The final pass's revision is bounded: only tokens committed from a window shorter than
     EARLY_COMMIT_S, none in a hotword, none where clauses commit (a translation's clauses are
@@ -471,8 +519,12 @@ def test_offline_decoding_falls_back_to_sampling_only_where_greedy_fails(monkeyp
     assert run([looped, unsure, good]) == (good, [0.0, 0.2, 0.4])
     got, calls = run([unsure, unsure, less_unsure, unsure, unsure, unsure])
     assert got is less_unsure and calls == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
-    # the greedy text the loop guard cut is confident: when nothing passes it is the one kept
-    assert run([looped] + [unsure] * 5)[0] is looped
+    # nothing passes: the most likely of the texts the loop guard did not cut, however confident
+    # the cut one (it is what was left before its loop); a cut one only where all were cut
+    got, _ = run([looped, unsure, less_unsure, unsure, unsure, unsure])
+    assert got is less_unsure
+    more_looped = Decoded([1, 2, 3], [-0.5, -0.5, -0.5], hit_limit=True)
+    assert run([more_looped, looped, more_looped, more_looped, more_looped, more_looped])[0] is looped
 
 
 class _TableDecoder:

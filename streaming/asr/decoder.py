@@ -8,7 +8,7 @@ encoder pass (``Decoder.cross_cache``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -336,18 +336,49 @@ def failed(d: Decoded) -> bool:
     return d.hit_limit or avg_logprob(d) < LOGPROB_LIMIT
 
 
+class Fallback:
+    """Whisper's temperature fallback around a greedy decode ``first``, one decode at a time: while
+    the last decode failed, ``step()`` decodes again with ``sample(temperature, generator)`` at the
+    next of the rising temperatures; ``result()`` is the first that passed or, where none did,
+    ``best_of`` them. The generator is seeded, so the same input gives the same text. The streaming
+    recogniser steps it in the silence while VAD decides whether an utterance ended, so a voice
+    that comes back stops it between decodes."""
+
+    def __init__(self, first: Decoded, sample: Callable[[float, torch.Generator], Decoded],
+                 temperatures: Sequence[float] = FALLBACK_TEMPERATURES) -> None:
+        self.tried = [first]
+        self._sample = sample
+        self._temperatures = list(temperatures)
+        self._generator = torch.Generator().manual_seed(0)
+
+    @property
+    def done(self) -> bool:
+        return not failed(self.tried[-1]) or not self._temperatures
+
+    def step(self) -> None:
+        if not self.done:
+            self.tried.append(self._sample(self._temperatures.pop(0), self._generator))
+
+    def result(self) -> Decoded:
+        while not self.done:
+            self.step()
+        last = self.tried[-1]
+        return last if not failed(last) else best_of(self.tried)
+
+
 def with_fallback(first: Decoded, sample: Callable[[float, torch.Generator], Decoded]) -> Decoded:
-    """Whisper's temperature fallback around a greedy decode ``first``: where it failed, decode
-    again with ``sample(temperature, generator)`` at rising temperatures until one passes; if none
-    does, the most likely of them. The generator is seeded, so the same input gives the same text."""
-    d, tried = first, [first]
-    generator = torch.Generator().manual_seed(0)
-    for temperature in FALLBACK_TEMPERATURES:
-        if not failed(d):
-            return d
-        d = sample(temperature, generator)
-        tried.append(d)
-    return d if not failed(d) else max(tried, key=avg_logprob)
+    """``Fallback`` run to its end: ``first`` where it passed, else sampled again until one passes."""
+    return Fallback(first, sample).result()
+
+
+def best_of(tried: list[Decoded]) -> Decoded:
+    """The decode kept when none passed: the most likely of those the loop guard did not cut, as
+    faster-whisper keeps the most likely below its compression limit (the most likely of all where
+    every one was cut). A cut text is what is left before its loop, often a fraction of the window:
+    fr->en, 13 s of "demo-abouttotry" kept "I will now try to enter a connection with a device"
+    (average log-probability -1.02) over a whole sampled translation (-1.04)."""
+    whole = [d for d in tried if not d.hit_limit]
+    return max(whole or tried, key=avg_logprob)
 
 
 def _first_revision(rows: torch.Tensor, forced: list[int], revisable: list[bool], filters: list[LogitFilter],

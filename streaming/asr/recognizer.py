@@ -27,7 +27,7 @@ from ..frames import INTERNAL_RATE, FinalText, Frame, PartialText, SpeechEnding,
 from ..models.whisper import EncoderCache, log_mel
 from ..models.whisper_load import WhisperBundle
 from .alignment import SECONDS_PER_POSITION, group_words, warm_up_alignment, word_timings
-from .decoder import Decoded, build_prompt, decode, length_floor, rules_filter, with_fallback
+from .decoder import FALLBACK_TEMPERATURES, Decoded, Fallback, build_prompt, decode, length_floor, rules_filter
 from .hotwords import HotwordBoost, parse_hotwords, prompt_text
 
 log = logging.getLogger(__name__)
@@ -171,6 +171,8 @@ class ASRState:
     ending_decided: float = 0.0
     #: the final prepared for ``ending``: (what it depends on, its tokens and frame)
     prepared: tuple | None = None
+    #: ... or still being prepared: (what it depends on, its ``_FinalPass``), one fallback decode a push
+    preparing: tuple | None = None
 
 
 class StreamingRecognizer:
@@ -232,7 +234,9 @@ class StreamingRecognizer:
         end = self._buf_end(state)
         if state.ending is not None:
             if end <= state.ending_decided + HINT_GRACE_S:
-                self._prepare(state)  # (once the audio up to the ending has arrived)
+                # (once the audio up to the ending has arrived; a fallback decode only when not
+                # behind: the frames queued may say the voice came back)
+                self._prepare(state, step=hypothesise)
                 return []  # silence: no partial steps while VAD decides
             self.resume(state)  # VAD neither ended the utterance nor said the voice came back
         if end > self._close_at(state):
@@ -264,7 +268,7 @@ class StreamingRecognizer:
             return
         state.ending = pts
         state.ending_decided = pts + 1.0 if decide_at is None else decide_at
-        state.prepared = None
+        state.prepared, state.preparing = None, None
         self._prepare(state)
 
     def ending(self, state: ASRState, frame: SpeechEnding) -> None:
@@ -276,7 +280,7 @@ class StreamingRecognizer:
 
     def resume(self, state: ASRState) -> None:
         """The voice came back before VAD ended the utterance: drop what ``prepare_end`` made."""
-        state.ending, state.prepared = None, None
+        state.ending, state.prepared, state.preparing = None, None, None
 
     def start(self, state: ASRState, pts: float, not_before: float = -np.inf) -> None:
         """Speech began at ``pts`` (VAD's padded estimate). The pre-roll reaches no further back
@@ -286,7 +290,7 @@ class StreamingRecognizer:
         if state.in_speech:
             return
         state.in_speech = True
-        state.ending, state.prepared = None, None
+        state.ending, state.prepared, state.preparing = None, None, None
         state.utterance += 1
         self._maybe_release(state, pts)
         start = max(pts - self.config.preroll_ms / 1000, min(not_before, pts))
@@ -543,9 +547,13 @@ class StreamingRecognizer:
             # a window Whisper cannot see at once (only after a long stretch without
             # hypotheses): close it in pieces
             out += self._final(s, s.window_start + self._max_window, continued=True)
-        prepared, s.prepared, s.ending = s.prepared, None, None
-        if prepared is not None and prepared[0] == self._final_key(s, end):
+        prepared, preparing = s.prepared, s.preparing
+        s.prepared, s.preparing, s.ending = None, None, None
+        key = self._final_key(s, end)
+        if prepared is not None and prepared[0] == key:
             result = prepared[1]
+        elif preparing is not None and preparing[0] == key:
+            result = self._final_finish(s, preparing[1])
         else:
             result = self._final_result(s, end)
         s.committed, s.committed_logprobs, s.history, s.early = [], [], [], 0
@@ -560,15 +568,27 @@ class StreamingRecognizer:
             s.enc_cache = EncoderCache()
         return out + ([frame] if frame.text else [])
 
-    def _prepare(self, s: ASRState) -> None:
-        """The final for ``s.ending``, unless made already or the audio is not there yet."""
+    def _prepare(self, s: ASRState, step: bool = True) -> None:
+        """The final for ``s.ending``, unless made already or the audio is not there yet: the
+        first call encodes and decodes greedily; where that failed (``Fallback``), each later call
+        with ``step`` decodes once more at the next temperature, so VAD is heard between decodes
+        (a translation's fallback is up to five more decodes, 3-6 s on a slow CPU, all wasted
+        where the voice comes back). ``end`` finishes whatever is left."""
         end = s.ending
         if s.prepared is not None or end is None or end > self._buf_end(s) + 1e-6:
             return
         if end - s.window_start > MAX_ENCODE_S:
             return  # made in pieces: left to ``end``
-        result = self._final_result(s, end)  # (first: it may detect the language, part of the key)
-        s.prepared = (self._final_key(s, end), result)
+        if s.preparing is None:
+            p = self._final_begin(s, end)  # (first: it may detect the language, part of the key)
+            s.preparing = (self._final_key(s, end), p)
+        elif step:
+            p = s.preparing[1]
+            p.fallback.step()
+        else:
+            return
+        if p is None or p.fallback.done:
+            s.prepared, s.preparing = (s.preparing[0], self._final_finish(s, p)), None
 
     def _final_key(self, s: ASRState, end: float) -> tuple:
         """All a final depends on besides the audio: a prepared one stands while this does."""
@@ -578,6 +598,10 @@ class StreamingRecognizer:
     def _final_result(self, s: ASRState, end: float) -> tuple[list[int], FinalText] | None:
         """The final pass over the window up to ``end``: its tokens and frame (None: too short to
         hold words). Leaves the state as it was (but for a language detected on the way)."""
+        return self._final_finish(s, self._final_begin(s, end))
+
+    def _final_begin(self, s: ASRState, end: float) -> _FinalPass | None:
+        """A final pass's encoding and greedy decode (None: too short to hold words)."""
         audio = self._window(s, end)
         if len(audio) < self.config.min_utterance_ms / 1000 * INTERNAL_RATE:
             return None
@@ -587,7 +611,14 @@ class StreamingRecognizer:
         def run(temperature=0.0, generator=None):
             return self._decode(s, feats, seconds, revise=True, temperature=temperature, generator=generator)
 
-        d = with_fallback(run(), run) if self._fallback else run()
+        temperatures = FALLBACK_TEMPERATURES if self._fallback else ()
+        return _FinalPass(end, feats, real, Fallback(run(), run, temperatures))
+
+    def _final_finish(self, s: ASRState, p: _FinalPass | None) -> tuple[list[int], FinalText] | None:
+        """A final pass's text, fallback decodes still to run included, aligned to the audio."""
+        if p is None:
+            return None
+        d, feats, real, end = p.fallback.result(), p.feats, p.real, p.end
         tokens = s.committed[: d.kept_forced] + d.tokens
         logprobs = s.committed_logprobs[: d.kept_forced] + d.logprobs
         if d.kept_forced < len(s.committed):
@@ -606,6 +637,16 @@ class StreamingRecognizer:
             language=s.language or "", continued=False,
         )
         return tokens, frame
+
+
+@dataclass
+class _FinalPass:
+    """A final pass under way: the window's encoding and its decodes so far."""
+
+    end: float
+    feats: torch.Tensor
+    real: int
+    fallback: Fallback
 
 
 def _norm_word(word: str) -> str:
