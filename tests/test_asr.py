@@ -459,6 +459,33 @@ def test_a_final_that_falls_back_is_prepared_one_decode_at_a_time(tiny):
     assert temperatures == []
 
 
+def test_a_language_detected_on_a_short_window_is_detected_again(monkeypatch):
+    """``language = "auto"``: the language of a window shorter than LANGUAGE_SETTLED_S is
+    provisional, detected afresh at the next step and never committed on. Whisper base (dynamic
+    int8, as conversations run it) took the first 0.4 s of an English prompt for Hindi in the
+    pipeline: here the first two detections say Hindi, and the utterance still comes out English."""
+    import streaming.asr.recognizer as R
+
+    base = ModelResolver().whisper("whisper:base", "int8")
+    real = R.detect_language
+    calls = []
+
+    def detect(m, feats):
+        calls.append(real(m, feats))
+        return "hi" if len(calls) <= 2 else calls[-1]
+
+    monkeypatch.setattr(R, "detect_language", detect)
+    rec = StreamingRecognizer(base, ASRConfig(language="auto"))
+    out, _ = stream(rec, read_audio(asterisk("demo-thanks")))
+    finals = [f for f in out if isinstance(f, FinalText)]
+    partials = [f for f in out if isinstance(f, PartialText)]
+    assert finals and all(f.language == "en" for f in finals), [(f.language, f.text) for f in finals]
+    assert "thank" in " ".join(f.text for f in finals).lower()
+    assert len(calls) >= 3, "detected again on the later, longer windows"
+    first = [p for p in partials if p.utterance == partials[0].utterance]
+    assert not any(p.new_stable_words for p in first if p.pts - first[0].pts < R.LANGUAGE_SETTLED_S - 0.5)
+
+
 def test_the_final_revises_only_early_commits_and_never_whole_clauses(tiny):
     """The final pass's revision is bounded: only tokens committed from a window shorter than
     EARLY_COMMIT_S, none in a hotword, none where clauses commit (a translation's clauses are

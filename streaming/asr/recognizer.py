@@ -52,6 +52,10 @@ EARLY_COMMIT_S = 3.0
 #: after VAD's SpeechEnding, partial steps wait until its decision time plus this; no decision and
 #: no word that the voice came back by then (a VAD that does not say): the hint is dropped
 HINT_GRACE_S = 0.3
+#: a language detected (``language = "auto"``) on a window with less audio than this is detected
+#: again at the next step, and nothing is committed until it stands: on the first 0.4 s of an
+#: English prompt ("demo-thanks") Whisper base found Hindi most likely
+LANGUAGE_SETTLED_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -157,6 +161,8 @@ class ASRState:
     history: list[list[int]] = field(default_factory=list)  # recent hypotheses
     context: list[int] = field(default_factory=list)
     language: str | None = None
+    #: ``language`` was pinned, or detected on at least LANGUAGE_SETTLED_S of audio (or a final's)
+    language_settled: bool = True
     enc_cache: EncoderCache | None = None  # the "cached" encoder's state for the current window
     hotwords: tuple[str, ...] = ()
     biaser: HotwordBoost | None = None
@@ -303,6 +309,7 @@ class StreamingRecognizer:
             state.language = None if self.m.multilingual else "en"
         else:
             state.language = self.config.language
+        state.language_settled = state.language is not None
 
     def end(self, state: ASRState, pts: float) -> list[Frame]:
         """Speech ended at ``pts``: the final transcript of the utterance."""
@@ -369,6 +376,18 @@ class StreamingRecognizer:
         mel = log_mel(audio, self.m.dims.n_mels, pad_to=pad_to)
         real = min(mel.shape[-1], (len(audio) // 160)) // 2 + 1
         return self.m.model.encode(mel), real
+
+    def _detect(self, s: ASRState, feats: torch.Tensor, seconds: float, final: bool = False) -> None:
+        """The utterance's language, while it does not stand yet (``LANGUAGE_SETTLED_S``): detected
+        on this window; a change drops the hypotheses so far (they were in the other language)."""
+        if s.language_settled:
+            return
+        language = detect_language(self.m, feats)
+        if language != s.language:
+            if s.language is not None:
+                log.debug("language %s -> %s on %.1f s", s.language, language, seconds)
+            s.language, s.history = language, []
+        s.language_settled = final or seconds >= LANGUAGE_SETTLED_S
 
     def _sot(self, s: ASRState, feats: torch.Tensor) -> list[int]:
         tok = self.m.tokenizer
@@ -442,6 +461,7 @@ class StreamingRecognizer:
         audio = self._window(s, end)
         s.last_decode_end = end
         feats, real = self._encode(s, audio)
+        self._detect(s, feats, len(audio) / INTERNAL_RATE - s.lead)
         d = self._decode(s, feats, len(audio) / INTERNAL_RATE - s.lead)
         d = self._unloop(s, feats, real, d)
         hyp = s.committed + d.tokens
@@ -489,7 +509,7 @@ class StreamingRecognizer:
 
     def _agree(self, s: ASRState, d: Decoded) -> list[str]:
         """Commit the words every recent hypothesis agrees on (LocalAgreement-n)."""
-        if len(s.history) < self.config.agreement:
+        if len(s.history) < self.config.agreement or not s.language_settled:
             return []
         n0 = len(s.committed)
         tails = [h[n0:] for h in s.history]
@@ -607,6 +627,7 @@ class StreamingRecognizer:
             return None
         feats, real = self._encode(s, audio, final=True)
         seconds = len(audio) / INTERNAL_RATE - s.lead
+        self._detect(s, feats, seconds, final=True)
 
         def run(temperature=0.0, generator=None):
             return self._decode(s, feats, seconds, revise=True, temperature=temperature, generator=generator)
