@@ -23,11 +23,14 @@ from streaming.models.whisper import log_mel
 from streaming.models.whisper_load import WhisperBundle
 from streaming.pipeline import Pipeline, Source
 from streaming.stages import Callback
-from streaming.vad import TwoStageVAD, VADStage
+from streaming.vad import TwoStageVAD, VADConfig, VADStage
 
 from .config import DuplexConfig
 
 WINDOW = 30 * 16000
+#: the speech segments whole-file decoding's windows end between: Silero's silences of 100 ms or
+#: more, not padded
+PAUSES = VADConfig(min_silence_ms=100.0, speech_pad_ms=0.0)
 
 
 @dataclass
@@ -135,13 +138,17 @@ def _duration(path: str | Path) -> float:
 @torch.inference_mode()
 def transcribe_offline(path: str | Path, bundle: WhisperBundle, asr: ASRConfig,
                        vad: TwoStageVAD | None = None) -> Transcript:
-    """Plain whole-file decoding for comparison: 30 s windows padded as Whisper was trained,
-    each decoded by beam search (``asr.offline_beam_size``; 1: greedily), with Whisper's
-    temperature fallback where that fails, and the previous window's text as context. Windows
-    in which ``vad`` (the default two-stage detector) hears no speech are not decoded."""
+    """Plain whole-file decoding for comparison: windows of up to 30 s that end in a pause
+    (``offline_windows``), padded to 30 s as Whisper was trained, each decoded by beam search
+    (``asr.offline_beam_size``; 1: greedily), with Whisper's temperature fallback where that
+    fails, and the previous window's text as context. Windows in which ``vad`` (the default
+    two-stage detector) hears no speech are not decoded."""
     t0 = time.perf_counter()
     audio = read_audio(path)
     speech = (vad or TwoStageVAD()).segments(audio)
+    # where a window must end before the file does, it ends in a pause of a word's length or more
+    # (the segments above bridge 400 ms: the pauses of a 40-85 s prompt are 0.13-0.5 s)
+    pauses = TwoStageVAD(PAUSES).segments(audio) if len(audio) > WINDOW else speech
     tok = bundle.tokenizer
     hot = parse_hotwords(asr.hotwords)
     biaser = HotwordBoost(tok, hot, asr.hotword_boost, asr.hotword_start_boost, asr.hotword_gate)
@@ -149,8 +156,8 @@ def transcribe_offline(path: str | Path, bundle: WhisperBundle, asr: ASRConfig,
     filters = [rules_filter(tok, bundle.rules)] + ([biaser] if biaser else [])
     texts, words, context = [], [], []
     language = asr.language
-    for start in range(0, max(1, len(audio)), WINDOW):
-        chunk = audio[start : start + WINDOW]
+    for start, stop in offline_windows(pauses, len(audio)):
+        chunk = audio[start:stop]
         a, b = start / 16000, (start + len(chunk)) / 16000
         voiced = sum(max(0.0, min(b, hi) - max(a, lo)) for lo, hi in speech)
         if len(chunk) < 1600 or not voiced:
@@ -175,6 +182,36 @@ def transcribe_offline(path: str | Path, bundle: WhisperBundle, asr: ASRConfig,
         file=str(path), text=" ".join(t for t in texts if t), language=language if bundle.multilingual else "en",
         words=words, audio_seconds=len(audio) / 16000, processing_seconds=time.perf_counter() - t0, final_latency_ms=None,
     )
+
+
+def offline_windows(pauses_in: list[tuple[float, float]], n_samples: int) -> list[tuple[int, int]]:
+    """Whole-file decoding's windows, as (start, stop) samples: each up to 30 s (Whisper's input),
+    ending in a pause between two of the speech segments ``pauses_in`` (seconds), so that no word
+    is cut in two: the longest pause in the window's last 20 s (a sentence ends there more often
+    than between words), else the last, else at 30 s. A fixed 30 s grid cut a word wherever it
+    fell ("... to consider how much ..." lost its "how"). Whisper's own recipe seeks to its last
+    timestamp instead; without timestamps, VAD's pauses are what is known of the words."""
+    # the silence before the first word is a pause too: a window of it alone is not decoded
+    pauses = [(0.0, pauses_in[0][0])] if pauses_in else []
+    pauses += [(end, nxt) for (_, end), (nxt, _) in zip(pauses_in, pauses_in[1:])]
+    out: list[tuple[int, int]] = []
+    start = 0
+    while n_samples - start > WINDOW:
+        limit = start + WINDOW
+        late, last = None, None  # (length, cut) of the longest pause in the last 20 s; the last cut
+        for end, nxt in pauses:
+            if int(end * 16000) >= limit:
+                break
+            cut = min(int((end + nxt) / 2 * 16000), limit)
+            if cut > start + 16000:  # (a window of at least 1 s)
+                last = cut
+                if cut > start + 10 * 16000 and (late is None or nxt - end >= late[0]):
+                    late = (nxt - end, cut)
+        stop = late[1] if late else last or limit
+        out.append((start, stop))
+        start = stop
+    out.append((start, n_samples))
+    return out
 
 
 def decode_with_fallback(model, tok, feats, prompt: list[int], filters: list, max_tokens: int = 224,

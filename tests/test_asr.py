@@ -711,6 +711,43 @@ def test_offline_beam_search_keeps_a_long_window_and_adds_nothing_to_silence(tmp
     assert words(transcribe_offline(tmp_path / "padded.wav", base, asr).text) == words(plain)
 
 
+def test_offline_windows_end_in_a_pause_before_30_s():
+    from agent.transcribe import offline_windows
+
+    def seconds(speech, duration):
+        return [round(x / RATE, 2) for w in offline_windows(speech, int(duration * RATE)) for x in w]
+
+    speech = [(0.5, 10.0), (10.5, 25.0), (25.6, 31.0), (31.4, 50.0), (50.3, 58.0)]
+    assert seconds(speech, 60) == [0, 25.3, 25.3, 50.15, 50.15, 60]
+    # no pause in 30 s of speech: cut at 30 s; the silence before the first word is a pause
+    assert seconds([(0.5, 59.0)], 60) == [0, 30, 30, 60]
+    assert seconds([(27.0, 40.0)], 41) == [0, 13.5, 13.5, 41]
+    # the longest pause of the last 20 s, not the last one
+    assert seconds([(0.5, 12.0), (13.0, 27.0), (27.2, 40.0)], 41) == [0, 12.5, 12.5, 41]
+    assert seconds([], 0) == [0, 0] and seconds([(1.0, 5.0)], 20) == [0, 20]
+
+
+def test_offline_decoding_keeps_a_sentence_that_spans_30_s_whole(tmp_path):
+    """A sentence from 26 s to 33 s of a file is decoded in one window that starts in the pause
+    before it, not cut at 30 s into two windows that each hear half of a word."""
+    import jiwer
+    import soundfile as sf
+
+    from agent.transcribe import transcribe_offline
+
+    base = ModelResolver().whisper("whisper:base", "int8-tok")
+    first, second = read_audio(librivox("0880")), read_audio(librivox("0870"))
+    audio = np.zeros(34 * RATE, np.float32)
+    audio[RATE : RATE + len(first)] = first
+    audio[26 * RATE : 26 * RATE + len(second)] = second
+    sf.write(tmp_path / "spans.wav", audio, RATE)
+    heard = " ".join(words(transcribe_offline(tmp_path / "spans.wav", base, ASRConfig(language="en")).text))
+    heard = heard.replace("mr ", "mister ")
+    spanning = "john dashwood had then leisure to consider how much there might be prudently in his power to do for them"
+    assert spanning in heard  # (on a 30 s grid: "... to consider much there might be ...")
+    assert jiwer.wer("he was not an ill disposed young man and mister " + spanning, heard) <= 0.1, heard
+
+
 def test_sampled_decodes_repeat_with_the_same_seed(tiny):
     import torch
 
