@@ -524,7 +524,8 @@ def test_the_pre_roll_never_reaches_back_over_the_agents_voice(tiny):
 def test_offline_decoding_falls_back_to_sampling_only_where_greedy_fails(monkeypatch):
     """Whisper's recipe in the offline decoder: a greedy decode the loop guard cut, or one with an
     average log-probability below -1, is sampled again at rising temperatures until one passes;
-    if none passes, the most likely is kept; a good greedy decode is never resampled."""
+    if none passes, the most likely is kept (a loop-cut one only where it is far more likely); a
+    good greedy decode is never resampled."""
     import agent.transcribe as T
     from streaming.asr.decoder import Decoded
 
@@ -546,10 +547,14 @@ def test_offline_decoding_falls_back_to_sampling_only_where_greedy_fails(monkeyp
     assert run([looped, unsure, good]) == (good, [0.0, 0.2, 0.4])
     got, calls = run([unsure, unsure, less_unsure, unsure, unsure, unsure])
     assert got is less_unsure and calls == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
-    # nothing passes: the most likely of the texts the loop guard did not cut, however confident
-    # the cut one (it is what was left before its loop); a cut one only where all were cut
-    got, _ = run([looped, unsure, less_unsure, unsure, unsure, unsure])
+    # nothing passes: the most likely of the texts the loop guard did not cut, where a cut one is
+    # not more likely by over 0.5 per token (it is what was left before its loop: often a fraction
+    # of the window); a cut one far more likely (the loop came after the speech) or all cut
+    nearly = Decoded([1, 2, 3], [-1.3, -1.3, -1.3], hit_limit=True)  # -0.975 against -1.125
+    got, _ = run([nearly, unsure, less_unsure, unsure, unsure, unsure])
     assert got is less_unsure
+    got, _ = run([looped, unsure, less_unsure, unsure, unsure, unsure])  # -0.07 against -1.125
+    assert got is looped
     more_looped = Decoded([1, 2, 3], [-0.5, -0.5, -0.5], hit_limit=True)
     assert run([more_looped, looped, more_looped, more_looped, more_looped, more_looped])[0] is looped
 

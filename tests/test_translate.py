@@ -258,6 +258,18 @@ def test_spanish_recording_translated_to_english(base):
     assert all(0 < s["source_end"] <= d["audio_seconds"] + 0.05 for s in d["segments"])
 
 
+def test_a_menu_whose_final_loops_after_the_speech_is_said_once(base):
+    """es "conf-usermenu" ("... 7 o 9 para el volumen suyo, u 8 para salir."): the final's decodes
+    after the committed clauses read the last clause and then loop, and the loop guard cuts them;
+    the one sampled at temperature 1.0 did not loop but said the clause four times in fragments
+    ("Number 7, or 9, for youVolumen Studio. Or number 8, for withinplay. Number 7, ..."). The cut
+    text, far more likely, is kept: every number of the menu is said once."""
+    r = _translate(base, es("conf-usermenu"), "es", "en")
+    text = r.text
+    assert all(text.count(n) <= 1 for n in "146798"), text
+    assert text.count("8") == 1 and text.isascii(), text
+
+
 def test_spanish_through_apertium_keeps_the_source_text(base):
     r = _translate(base, es("conf-muted"), "es", "en", routes={"es-en": "apertium"})  # "Está usted ahora en modo mudo."
     assert r.engine == "apertium" and "modo" in (r.source_text or "").lower()

@@ -27,6 +27,9 @@ FALLBACK_TEMPERATURES = (0.2, 0.4, 0.6, 0.8, 1.0)
 #: below this: the model is guessing. (Whisper also rejects text that gzip compresses more than 2.4x;
 #: an IVR menu is that repetitive, and the fallback then lost it->en 27.3 -> 24.8 BLEU)
 LOGPROB_LIMIT = -1.0
+#: where no decode passed, a whole one is kept over one the loop guard cut unless the cut one is
+#: more likely than this (log-probability per token; see ``best_of``)
+CUT_MARGIN = 0.5
 
 
 class LogitFilter(Protocol):
@@ -373,12 +376,19 @@ def with_fallback(first: Decoded, sample: Callable[[float, torch.Generator], Dec
 
 def best_of(tried: list[Decoded]) -> Decoded:
     """The decode kept when none passed: the most likely of those the loop guard did not cut, as
-    faster-whisper keeps the most likely below its compression limit (the most likely of all where
-    every one was cut). A cut text is what is left before its loop, often a fraction of the window:
-    fr->en, 13 s of "demo-abouttotry" kept "I will now try to enter a connection with a device"
-    (average log-probability -1.02) over a whole sampled translation (-1.04)."""
+    faster-whisper keeps the most likely below its compression limit, unless one that was cut is
+    more likely by more than ``CUT_MARGIN`` per token. A cut text is what is left before its loop:
+    a fraction of the window where the model lost its way (fr->en, 13 s of "demo-abouttotry" kept
+    "I will now try to enter a connection with a device", average log-probability -1.02, over a
+    whole sampled translation, -1.04), the whole text where the loop came after the speech ended
+    (es->en "conf-usermenu": five decodes read its last clause and looped, -0.36 to -0.76, and the
+    one at temperature 1.0 that did not loop, -1.93, repeated the clause four times in fragments of
+    words: "Number 7, or 9, for youVolumen Studio. Or number 8, for withinplay. ...")."""
     whole = [d for d in tried if not d.hit_limit]
-    return max(whole or tried, key=avg_logprob)
+    best = max(tried, key=avg_logprob)
+    if not whole or avg_logprob(best) - max(map(avg_logprob, whole)) > CUT_MARGIN:
+        return best
+    return max(whole, key=avg_logprob)
 
 
 def _first_revision(rows: torch.Tensor, forced: list[int], revisable: list[bool], filters: list[LogitFilter],
