@@ -148,7 +148,7 @@ def transcribe_offline(path: str | Path, bundle: WhisperBundle, asr: ASRConfig,
     speech = (vad or TwoStageVAD()).segments(audio)
     # where a window must end before the file does, it ends in a pause of a word's length or more
     # (the segments above bridge 400 ms: the pauses of a 40-85 s prompt are 0.13-0.5 s)
-    pauses = TwoStageVAD(PAUSES).segments(audio) if len(audio) > WINDOW else speech
+    finer = TwoStageVAD(PAUSES).segments(audio) if len(audio) > WINDOW else speech
     tok = bundle.tokenizer
     hot = parse_hotwords(asr.hotwords)
     biaser = HotwordBoost(tok, hot, asr.hotword_boost, asr.hotword_start_boost, asr.hotword_gate)
@@ -156,7 +156,7 @@ def transcribe_offline(path: str | Path, bundle: WhisperBundle, asr: ASRConfig,
     filters = [rules_filter(tok, bundle.rules)] + ([biaser] if biaser else [])
     texts, words, context = [], [], []
     language = asr.language
-    for start, stop in offline_windows(pauses, len(audio)):
+    for start, stop in offline_windows(finer, len(audio)):
         chunk = audio[start:stop]
         a, b = start / 16000, (start + len(chunk)) / 16000
         voiced = sum(max(0.0, min(b, hi) - max(a, lo)) for lo, hi in speech)
@@ -184,16 +184,16 @@ def transcribe_offline(path: str | Path, bundle: WhisperBundle, asr: ASRConfig,
     )
 
 
-def offline_windows(pauses_in: list[tuple[float, float]], n_samples: int) -> list[tuple[int, int]]:
+def offline_windows(speech: list[tuple[float, float]], n_samples: int) -> list[tuple[int, int]]:
     """Whole-file decoding's windows, as (start, stop) samples: each up to 30 s (Whisper's input),
-    ending in a pause between two of the speech segments ``pauses_in`` (seconds), so that no word
+    ending in a pause between two of the ``speech`` segments (seconds), so that no word
     is cut in two: the longest pause in the window's last 20 s (a sentence ends there more often
     than between words), else the last, else at 30 s. A fixed 30 s grid cut a word wherever it
     fell ("... to consider how much ..." lost its "how"). Whisper's own recipe seeks to its last
     timestamp instead; without timestamps, VAD's pauses are what is known of the words."""
     # the silence before the first word is a pause too: a window of it alone is not decoded
-    pauses = [(0.0, pauses_in[0][0])] if pauses_in else []
-    pauses += [(end, nxt) for (_, end), (nxt, _) in zip(pauses_in, pauses_in[1:])]
+    pauses = [(0.0, speech[0][0])] if speech else []
+    pauses += [(end, nxt) for (_, end), (nxt, _) in zip(speech, speech[1:])]
     out: list[tuple[int, int]] = []
     start = 0
     while n_samples - start > WINDOW:

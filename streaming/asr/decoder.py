@@ -384,11 +384,9 @@ def best_of(tried: list[Decoded]) -> Decoded:
     (es->en "conf-usermenu": five decodes read its last clause and looped, -0.36 to -0.76, and the
     one at temperature 1.0 that did not loop, -1.93, repeated the clause four times in fragments of
     words: "Number 7, or 9, for youVolumen Studio. Or number 8, for withinplay. ...")."""
-    whole = [d for d in tried if not d.hit_limit]
     best = max(tried, key=avg_logprob)
-    if not whole or avg_logprob(best) - max(map(avg_logprob, whole)) > CUT_MARGIN:
-        return best
-    return max(whole, key=avg_logprob)
+    whole = max((d for d in tried if not d.hit_limit), key=avg_logprob, default=None)
+    return best if whole is None or avg_logprob(best) - avg_logprob(whole) > CUT_MARGIN else whole
 
 
 def _first_revision(rows: torch.Tensor, forced: list[int], revisable: list[bool], filters: list[LogitFilter],
