@@ -324,4 +324,6 @@ def test_a_translated_final_that_fails_is_sampled_again(base, monkeypatch):
     assert finals["translate", "temperatures"] == [0.0, 0.2], finals
     text = finals["translate"].lower()
     assert "connection" in text and "server" in text, text  # the sampled final is still the translation
-    assert finals["transcribe", "temperatures"] == [0.0] and "servidor" in finals["transcribe"].lower(), finals
+    # the transcription stays Spanish (int8 on an AMX CPU hears "servidor" as "server door")
+    spanish = finals["transcribe"].lower()
+    assert finals["transcribe", "temperatures"] == [0.0] and "conexión" in spanish and "consola" in spanish, finals
