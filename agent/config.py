@@ -54,17 +54,22 @@ class PipelineConfig:
     queue_size: Annotated[int, Field(ge=1, le=100000)] = 64
 
 
+WhisperPrecision = Literal["auto", "bf16", "fp32", "int8", "int8-row", "int8-tok"]
+
+
 @dataclass(frozen=True)
 class ModelsConfig:
     #: speech recogniser: whisper:tiny.en, whisper:base, or a hub id
     asr: str = "whisper:tiny.en"
-    #: numeric precision of Whisper on the CPU, for transcription and translation: fp32, int8 (dynamic
-    #: quantisation), int8-row (per-row weight scales and an int8 output projection) or int8-tok
-    #: (token-scaled int8 encoder, int8-weight bf16 decoder)
-    asr_precision: Literal["fp32", "int8", "int8-row", "int8-tok"] = "int8-tok"
+    #: numeric precision of Whisper on the CPU, for transcription and translation: auto (bf16 where
+    #: the CPU multiplies bf16 quickest, AMX; else int8-tok), bf16 (bf16 encoder, int8-weight decoder
+    #: with a bf16 copy for prefills), int8-tok (token-scaled int8 encoder, int8-weight bf16
+    #: decoder), int8-row (per-row weight scales and an int8 output projection), int8 (dynamic
+    #: quantisation) or fp32
+    asr_precision: WhisperPrecision = "auto"
     #: the same where the agent holds a conversation (talk, converse, serve and the API with the
     #: LLM): the turn-taking was tuned on int8's hypotheses
-    conversation_asr_precision: Literal["fp32", "int8", "int8-row", "int8-tok"] = "int8"
+    conversation_asr_precision: WhisperPrecision = "int8"
     #: coordinator LLM: llm:smollm2-135m, or a hub id of an instruct model
     llm: str = "llm:smollm2-135m"
     #: numeric precision of the LLM on the CPU: w8 (int8 weights, bf16 activations), fp32 or int8 (dynamic)

@@ -73,10 +73,10 @@ def test_override_syntax():
 
 
 def test_conversations_have_their_own_pre_roll_and_precision():
-    """Transcription and translation default to int8-tok with a 300 ms pre-roll; a conversation
+    """Transcription and translation default to auto (bf16 on AMX, else int8-tok) with a 300 ms pre-roll; a conversation
     runs int8 without one, and a user may change either pair on its own."""
     cfg = load_config(use_user_default=False)
-    assert (cfg.models.asr_precision, cfg.asr.preroll_ms) == ("int8-tok", 300.0)
+    assert (cfg.models.asr_precision, cfg.asr.preroll_ms) == ("auto", 300.0)
     assert (cfg.models.conversation_asr_precision, cfg.asr.in_conversation().preroll_ms) == ("int8", 0.0)
     talk = load_config(use_user_default=False, overrides={"asr.conversation_preroll_ms": 120})
     conv = talk.asr.in_conversation()

@@ -252,6 +252,55 @@ def test_row_scaled_int8_linear_keeps_every_token_where_dynamic_int8_flattens_th
         assert float((got - ref).norm() / ref.norm()) < 0.03, shape
 
 
+def test_bf16_layers_follow_fp32_and_an_int8_layer_takes_many_rows_in_bf16():
+    """Bf16Linear is within bf16 rounding of fp32 (1 %); a WeightInt8Linear with a bf16 copy
+    gives a step's one row to the int8 kernel and a prefill's rows to the copy, and both read the
+    same int8 weights (within bf16 rounding of each other, not of the unquantised layer alone)."""
+    from streaming.models.quantize import BF16_FROM_ROWS, Bf16Linear, WeightInt8Linear, weight_int8_available
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(512, 384)
+    b = Bf16Linear(lin)
+    for shape in [(1, 512), (500, 512), (2, 5, 512)]:
+        x = torch.randn(*shape) * torch.linspace(0.1, 3, shape[-1])
+        with torch.inference_mode():
+            ref, got = lin(x), b(x)
+        assert got.shape == ref.shape and got.dtype == torch.float32
+        assert float((got - ref).norm() / ref.norm()) < 0.01, shape
+    if not weight_int8_available():
+        pytest.skip("this torch has no int8-weight kernel")
+    w8 = WeightInt8Linear(lin, bf16_prefill=True)
+    x = torch.randn(BF16_FROM_ROWS, 512)
+    with torch.inference_mode():
+        many = w8(x)  # the bf16 copy
+        ones = torch.cat([w8(x[i : i + 1]) for i in range(len(x))])  # the int8 kernel, row by row
+        ref = lin(x)
+    assert float((many - ones).norm() / ones.norm()) < 0.01
+    assert float((many - ref).norm() / ref.norm()) < 0.02
+
+
+def test_auto_precision_takes_bf16_where_the_cpu_multiplies_it_quickest(resolver, base, monkeypatch):
+    """models.asr_precision = "auto": bf16 (encoder and cross-attention keys and values in bf16,
+    the decoder's int8 weights with a bf16 copy for prefills) where bf16 products beat int8 and
+    float32 ones (AMX), else int8-tok. Whichever it is, Whisper base reads LibriVox as fp32 does."""
+    import jiwer
+
+    from streaming.models import whisper_load
+    from streaming.models.quantize import Bf16Linear, bf16_fast
+
+    want = "bf16" if bf16_fast() else "int8-tok"
+    assert resolver.whisper("whisper:base", "auto").precision == want
+    monkeypatch.setattr(whisper_load, "bf16_fast", lambda: True)
+    quant = resolver.whisper("whisper:base", "auto")
+    assert quant.precision == "bf16"
+    assert isinstance(quant.model.model.encoder.layers[-1].fc2, Bf16Linear)
+    assert isinstance(quant.model.decoder.cross_kv, Bf16Linear)
+    assert quant.model.decoder.layers[0].fc1.weight_bf16 is not None
+    audio = read_audio(librivox("0870"))
+    ref, got = transcribe(base, audio).text, transcribe(quant, audio).text
+    assert jiwer.wer(" ".join(words(ref)), " ".join(words(got))) <= 0.05, (ref, got)
+
+
 @pytest.mark.parametrize("int_mm_quick", [None, False], ids=["this-cpu", "no-quick-int8"])
 def test_int8_tok_whisper_transcribes_like_fp32(resolver, base, monkeypatch, int_mm_quick):
     """models.asr_precision = "int8-tok" (token-scaled int8 encoder, int8-weight bf16 decoder),
