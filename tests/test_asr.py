@@ -677,6 +677,28 @@ def test_beam_search_stops_at_the_count_of_ends_and_a_length_floor_keeps_the_tex
     assert floored.tokens == words
 
 
+def test_beam_search_continues_a_forced_prefix_that_its_filters_see():
+    """A streaming final's beam search continues the committed words: they are prefilled with the
+    prompt, the filters count them (a length floor of 3 lets "2 3 5" end, which two new tokens
+    alone would not), the result holds only the new tokens, and its cache holds the prompt once,
+    for the word alignment."""
+    import torch
+
+    from streaming.asr.decoder import MinLength, beam_decode, decode
+
+    table = {
+        (2,): {1: 0.6, 3: 0.4},
+        (2, 1): {4: 0.4, 6: 0.3, 7: 0.3},
+        (2, 3): {5: 0.95, 7: 0.05},
+    }
+    feats = torch.zeros(1, 1, 1)
+    floor = [MinLength(_Tok.eot, 3)]
+    assert decode(_Model(table), _Tok(), feats, [0], [2], floor, 10).tokens == [1, 4]
+    beam = beam_decode(_Model(table), _Tok(), feats, [0], floor, 10, beam_size=3, forced=[2])
+    assert beam.tokens == [3, 5] and beam.kept_forced == 1 and not beam.hit_limit
+    assert [k.shape[0] for k in beam.cache.self_k] == [1] and beam.cache.length == 1
+
+
 def test_offline_beam_search_on_real_speech_matches_greedy_at_one_beam(tiny):
     from streaming.asr.decoder import beam_decode, decode, rules_filter
     from streaming.models.whisper import log_mel

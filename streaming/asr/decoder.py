@@ -261,6 +261,7 @@ def beam_decode(
     max_tokens: int,
     beam_size: int = 5,
     patience: float = 1.0,
+    forced: list[int] | None = None,
 ) -> Decoded:
     """Beam search over ``prompt`` as Whisper's own decoder runs it at temperature 0: each step
     extends every live beam by its ``beam_size + 1`` best tokens, keeps the ``beam_size`` best
@@ -275,11 +276,16 @@ def beam_decode(
     A beam that the loop guard (``_looping``) catches is dropped from the search; where nothing
     but loops ended, the best loop stands, cut to one copy and marked ``hit_limit``, so that the
     fallback samples again. Filters with a ``session`` (hotword boosting) are applied plainly:
-    the search itself weighs a boosted hotword against the model's own reading."""
+    the search itself weighs a boosted hotword against the model's own reading.
+
+    ``forced``: text that stands (a streaming final's committed words), prefilled with the
+    prompt; the beams continue it, and the filters see it as the text so far. The result's
+    ``cache`` holds the prompt's keys and values, for the word alignment."""
     if features.dim() == 2:
         features = features.unsqueeze(0)
+    forced = list(forced or [])
     cache: DecoderCache = model.decoder.cross_cache(features)
-    rows = model.decoder(torch.tensor([prompt]), cache, last=1)[:, -1]  # [beams, vocab]
+    rows = model.decoder(torch.tensor([prompt + forced]), cache, last=1)[:, -1]  # [beams, vocab]
     beams = [_Beam([], [], 0.0)]
     done: list[_Beam] = []
     loops: list[_Beam] = []
@@ -289,7 +295,7 @@ def beam_decode(
         for b, beam in enumerate(beams):
             row = rows[b].float().clone()
             for f in filters:
-                f.apply(row, beam.tokens)
+                f.apply(row, forced + beam.tokens)
             lp = torch.log_softmax(row, dim=-1)
             top = torch.topk(lp, beam_size + 1)
             for v, t in zip(top.values.tolist(), top.indices.tolist()):
@@ -304,9 +310,9 @@ def beam_decode(
                 done.append(_Beam(beam.tokens, beam.logprobs, score))
                 continue
             seq = [*beam.tokens, t]
-            repeat = _looping(seq)
+            repeat = _looping(forced + seq)
             if repeat:
-                keep = len(seq) - repeat
+                keep = max(0, len(seq) - repeat)
                 loops.append(_Beam(seq[:keep], [*beam.logprobs, v][:keep], score, looped=True))
                 continue
             nxt.append(_Beam(seq, [*beam.logprobs, v], score))
@@ -323,11 +329,16 @@ def beam_decode(
     else:
         # out of tokens: the live beams stand as they are, cut by the length limit
         done += [_Beam(b.tokens, b.logprobs, b.score, looped=True) for b in beams]
+    # every beam shares the prompt: its keys and values, one row of them, serve the alignment
+    cache.truncate(len(prompt))
+    cache.self_k = [k[:1] for k in cache.self_k]
+    cache.self_v = [v[:1] for v in cache.self_v]
     pool = [b for b in done if not b.looped] or done or loops
     if not pool:
-        return Decoded([], [], prompt, hit_limit=True)
+        return Decoded([], [], prompt, hit_limit=True, kept_forced=len(forced), cache=cache)
     best = max(pool, key=_per_token)
-    return Decoded(best.tokens, best.logprobs, prompt, hit_limit=best.looped, text=tok.decode(best.tokens).strip())
+    return Decoded(best.tokens, best.logprobs, prompt, hit_limit=best.looped, text=tok.decode(best.tokens).strip(),
+                   kept_forced=len(forced), cache=cache)
 
 
 def avg_logprob(d: Decoded) -> float:
