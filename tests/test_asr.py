@@ -934,6 +934,24 @@ def test_speech_from_the_first_sample_keeps_its_first_words(tiny):
     assert finals[0].words[0].start >= 0.0
 
 
+@pytest.mark.parametrize("confirm, after, committed", [
+    (1, (" How are", " Who is"), ""),  # the words after the clause differ: its full stop may be taken back
+    (0, (" How are", " Who is"), "Press one."),
+    (1, (" How are", " How is"), "Press one."),  # the next token agrees too
+])
+def test_a_clause_commits_once_the_token_after_it_agrees(tiny, confirm, after, committed):
+    """clause_confirm: a clause commits only where the agreeing hypotheses also agree on the token
+    after it (Whisper closes a hypothesis's last clause with a full stop where its audio ends)."""
+    from streaming.asr.decoder import Decoded
+
+    rec = StreamingRecognizer(tiny, ASRConfig(commit="clause", clause_confirm=confirm))
+    s = rec.init_state()
+    enc = tiny.tokenizer.encode
+    s.history = [enc(" Press one." + a) for a in after]
+    rec._agree(s, Decoded(s.history[-1], [0.0] * len(s.history[-1])))
+    assert tiny.tokenizer.decode(s.committed).strip() == committed
+
+
 def test_clause_commit_only_commits_whole_clauses(tiny):
     """commit="clause" (the default when translating): the stable text always ends a clause, and
     the final still holds every stable word."""

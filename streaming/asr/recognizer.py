@@ -79,6 +79,10 @@ class ASRConfig:
     #: hypotheses agree on all of it, and a cut inside a sentence loses the words at the cut
     #: (the next window's translation starts over without them)
     clause_max_window_s: Annotated[float, Field(ge=5, le=28)] = 28.0
+    #: a whole clause commits only where the agreeing hypotheses also agree on this many tokens
+    #: after it: the last clause of a hypothesis ends where its audio ends, and Whisper closes it
+    #: with a full stop that the next words of the sentence take back (0: the clause alone)
+    clause_confirm: Annotated[int, Field(ge=0, le=5)] = 1
     #: "window": re-encode the whole utterance window each step; "cached": keep earlier chunks'
     #: keys and values and encode only the new audio (cheaper, but earlier audio never sees later)
     encoder: Literal["window", "cached"] = "window"
@@ -539,7 +543,8 @@ class StreamingRecognizer:
         # the current hypothesis, otherwise the last agreed word may still grow
         tok = self.m.tokenizer
         cut = 0
-        for i in range(1, lcp + 1):
+        confirm = self.config.clause_confirm if self._clauses else 0
+        for i in range(1, lcp + 1 - confirm):
             if i < len(cur) and tok.token_text(cur[i]).startswith(" "):
                 if not self._clauses or tok.token_text(cur[i - 1]).rstrip().endswith(CLAUSE_END):
                     cut = i
