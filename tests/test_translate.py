@@ -296,34 +296,49 @@ def test_silence_and_wrong_language(base, tmp_path):
 
 def test_a_translated_final_that_fails_is_sampled_again(base, monkeypatch):
     """Whisper's temperature fallback in the streaming final of a translation (final_fallback =
-    "auto"): a greedy final the loop guard cut is decoded again at temperature 0.2, and that
-    sampled final is what the utterance says; a transcription's final is never resampled."""
+    "auto"): the final's first decode, a beam search (clause_final_beam_size) on a 30 s window
+    (clause_final_min_encode_s), is cut by the loop guard, so it is decoded again at temperature
+    0.2, and that sampled final is what the utterance says. A transcription's final is one greedy
+    decode on a 10 s window, never resampled."""
     import streaming.asr.recognizer as R
     from streaming.asr.recognizer import ASRConfig, StreamingRecognizer
     from streaming.audio_file import read_audio
 
-    real = R.decode
-    temperatures: list[float] = []
+    real_decode, real_beam, real_mel = R.decode, R.beam_decode, R.log_mel
+    decodes: list = []
+    pads: list = []
 
     def greedy_always_loops(*args, temperature=0.0, **kw):
-        temperatures.append(temperature)
-        d = real(*args, temperature=temperature, **kw)
+        decodes.append(temperature)
+        d = real_decode(*args, temperature=temperature, **kw)
         return replace(d, hit_limit=True) if temperature == 0 else d
 
+    def beam_always_loops(*args, **kw):
+        decodes.append(f"beam {args[6]}")
+        return replace(real_beam(*args, **kw), hit_limit=True)
+
+    def mel(audio, n_mels, pad_to=None):
+        pads.append(pad_to / 16000 if pad_to else None)
+        return real_mel(audio, n_mels, pad_to=pad_to)
+
     monkeypatch.setattr(R, "decode", greedy_always_loops)
+    monkeypatch.setattr(R, "beam_decode", beam_always_loops)
+    monkeypatch.setattr(R, "log_mel", mel)
     audio = read_audio(es("demo-nogo"))  # "Lo siento, no fue posible crear una conexión con el servidor..."
     finals = {}
     for task in ("translate", "transcribe"):
-        temperatures.clear()
+        decodes.clear()
         rec = StreamingRecognizer(base, ASRConfig(task=task, language="es"))
         s = rec.init_state()
         rec.start(s, 0.0)
         rec.push(s, audio, 0.0, hypothesise=False)  # no partials: the final decodes the whole utterance
+        pads.clear()
         finals[task] = " ".join(f.text for f in rec.end(s, len(audio) / 16000) if isinstance(f, FinalText))
-        finals[task, "temperatures"] = list(temperatures)
-    assert finals["translate", "temperatures"] == [0.0, 0.2], finals
+        finals[task, "decodes"], finals[task, "pad"] = list(decodes), pads[-1]
+    assert finals["translate", "decodes"] == ["beam 5", 0.2] and finals["translate", "pad"] == 30.0, finals
     text = finals["translate"].lower()
     assert "connection" in text and "server" in text, text  # the sampled final is still the translation
     # the transcription stays Spanish (int8 on an AMX CPU hears "servidor" as "server door")
     spanish = finals["transcribe"].lower()
-    assert finals["transcribe", "temperatures"] == [0.0] and "conexión" in spanish and "consola" in spanish, finals
+    assert finals["transcribe", "decodes"] == [0.0] and finals["transcribe", "pad"] == 10.0, finals
+    assert "conexión" in spanish and "consola" in spanish, finals

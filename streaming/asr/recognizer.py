@@ -132,15 +132,20 @@ class ASRConfig:
     #: simultaneous policy speaks as it comes
     final_fallback: Literal["auto", "on", "off"] = "auto"
     #: whole-file decoding (``--offline``, the benchmarks' offline reference): beams of Whisper's
-    #: beam search (its default, and faster-whisper's, is 5); 1 decodes greedily. Streaming is
-    #: greedy: each step's hypothesis is revised by the next, and a beam-searched final of a
-    #: translation scored lower (fr->en 18.0 -> 17.2 BLEU) and came later (0.88 -> 1.17 s p50)
+    #: beam search (its default, and faster-whisper's, is 5); 1 decodes greedily. Streaming's
+    #: partial steps are greedy (each step's hypothesis is revised by the next); its final pass,
+    #: see final_beam_size
     offline_beam_size: Annotated[int, Field(ge=1, le=10)] = 5
-    #: the final pass's first decode by beam search with this many beams (1: greedily, as the
-    #: partial steps). Beam 5 on a 10 s padded window added repeated tails to translations
-    #: (es/fr/it->en 21.8/18.7/25.6 -> 20.4/17.5/25.5 BLEU); on a 30 s window it was level with
-    #: greedy within the run-to-run noise and came 0.1-0.4 s later
+    #: the final pass's first decode by beam search with this many beams, where words commit
+    #: (transcribing; 1: greedily, as the partial steps)
     final_beam_size: Annotated[int, Field(ge=1, le=10)] = 1
+    #: where whole clauses commit (translating): the final pass's beams, and its encoder input
+    #: padded to this many seconds. A translation's final reads the clauses still uncommitted
+    #: after the committed ones, and beam search on Whisper's own 30 s window finds better wording
+    #: there (replaying every 400 ms step, es/fr/it->en 21.4/18.2/26.4 -> 21.9/18.9/28.3 BLEU).
+    #: On a 10 s window beam 5 added repeated tails instead (21.8/18.7/25.6 -> 20.4/17.5/25.5)
+    clause_final_beam_size: Annotated[int, Field(ge=1, le=10)] = 5
+    clause_final_min_encode_s: Annotated[float, Field(ge=0, le=30)] = 30.0
 
 
     def in_conversation(self) -> "ASRConfig":
@@ -205,6 +210,9 @@ class StreamingRecognizer:
         self._clauses = c.commit == "clause" or (c.commit == "auto" and c.task == "translate")
         #: windows longer than this are cut after the committed words
         self._max_window = c.clause_max_window_s if self._clauses else c.max_window_s
+        #: the final pass's beams and encoder padding (a translation's own, see ASRConfig)
+        self._final_beams = c.clause_final_beam_size if self._clauses else c.final_beam_size
+        self._final_pad_s = c.clause_final_min_encode_s if self._clauses else c.final_min_encode_s
         self._fallback = c.final_fallback == "on" or (c.final_fallback == "auto" and c.task == "translate")
         warm_up_alignment()
 
@@ -381,7 +389,7 @@ class StreamingRecognizer:
             mel = log_mel(audio, self.m.dims.n_mels).unsqueeze(0)
             feats = self.m.model.encoder.forward_cached(mel, s.enc_cache)
             return feats, feats.shape[1]
-        pad_s = self.config.final_min_encode_s if final else self.config.min_encode_s
+        pad_s = self._final_pad_s if final else self.config.min_encode_s
         pad_to = int(pad_s * INTERNAL_RATE) or None
         mel = log_mel(audio, self.m.dims.n_mels, pad_to=pad_to)
         real = min(mel.shape[-1], (len(audio) // 160)) // 2 + 1
@@ -423,10 +431,11 @@ class StreamingRecognizer:
         return max(4, int(self.config.max_tokens_per_second * seconds) + 4 - len(s.committed))
 
     def _beam(self, s: ASRState, feats: torch.Tensor, seconds: float) -> Decoded:
-        """A final pass's first decode by beam search (``final_beam_size``), after the committed words."""
+        """A final pass's first decode by beam search (``final_beam_size``, ``clause_final_beam_size``),
+        after the committed words."""
         s.decodes += 1
         return beam_decode(self.m.model, self.m.tokenizer, feats, self._prompt(s, feats), self._filters(s, seconds),
-                           self._budget(s, seconds), self.config.final_beam_size, forced=s.committed)
+                           self._budget(s, seconds), self._final_beams, forced=s.committed)
 
     def _decode(self, s: ASRState, feats: torch.Tensor, seconds: float, revise: bool = False,
                 temperature: float = 0.0, generator: torch.Generator | None = None) -> Decoded:
@@ -656,7 +665,7 @@ class StreamingRecognizer:
             return self._decode(s, feats, seconds, revise=True, temperature=temperature, generator=generator)
 
         temperatures = FALLBACK_TEMPERATURES if self._fallback else ()
-        first = self._beam(s, feats, seconds) if self.config.final_beam_size > 1 else run()
+        first = self._beam(s, feats, seconds) if self._final_beams > 1 else run()
         return _FinalPass(end, feats, real, Fallback(first, run, temperatures))
 
     def _final_finish(self, s: ASRState, p: _FinalPass | None) -> tuple[list[int], FinalText] | None:
