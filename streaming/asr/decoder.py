@@ -321,9 +321,7 @@ def beam_decode(
                 break
         if len(done) >= want or not nxt:
             break
-        index = torch.tensor(parents)
-        cache.self_k = [k.index_select(0, index) for k in cache.self_k]
-        cache.self_v = [v.index_select(0, index) for v in cache.self_v]
+        cache.select(parents)
         beams = nxt
         rows = model.decoder(torch.tensor([[b.tokens[-1]] for b in beams]), cache)[:, -1]
     else:
@@ -331,8 +329,7 @@ def beam_decode(
         done += [_Beam(b.tokens, b.logprobs, b.score, looped=True) for b in beams]
     # every beam shares the prompt: its keys and values, one row of them, serve the alignment
     cache.truncate(len(prompt))
-    cache.self_k = [k[:1] for k in cache.self_k]
-    cache.self_v = [v[:1] for v in cache.self_v]
+    cache.select([0])
     pool = [b for b in done if not b.looped] or done or loops
     if not pool:
         return Decoded([], [], prompt, hit_limit=True, kept_forced=len(forced), cache=cache)

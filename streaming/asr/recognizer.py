@@ -213,6 +213,8 @@ class StreamingRecognizer:
         #: the final pass's beams and encoder padding (a translation's own, see ASRConfig)
         self._final_beams = c.clause_final_beam_size if self._clauses else c.final_beam_size
         self._final_pad_s = c.clause_final_min_encode_s if self._clauses else c.final_min_encode_s
+        #: tokens after a clause that must agree too before it commits (clause commits only)
+        self._confirm = c.clause_confirm if self._clauses else 0
         self._fallback = c.final_fallback == "on" or (c.final_fallback == "auto" and c.task == "translate")
         warm_up_alignment()
 
@@ -552,8 +554,7 @@ class StreamingRecognizer:
         # the current hypothesis, otherwise the last agreed word may still grow
         tok = self.m.tokenizer
         cut = 0
-        confirm = self.config.clause_confirm if self._clauses else 0
-        for i in range(1, lcp + 1 - confirm):
+        for i in range(1, lcp + 1 - self._confirm):
             if i < len(cur) and tok.token_text(cur[i]).startswith(" "):
                 if not self._clauses or tok.token_text(cur[i - 1]).rstrip().endswith(CLAUSE_END):
                     cut = i

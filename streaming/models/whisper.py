@@ -261,6 +261,12 @@ class DecoderCache:
         self.self_k = [k[:, :, :n] for k in self.self_k]
         self.self_v = [v[:, :, :n] for v in self.self_v]
 
+    def select(self, rows: list[int]) -> None:
+        """Keep these rows (beams) of the self-attention keys and values, in this order."""
+        index = torch.tensor(rows)
+        self.self_k = [k.index_select(0, index) for k in self.self_k]
+        self.self_v = [v.index_select(0, index) for v in self.self_v]
+
 
 class Decoder(nn.Module):
     def __init__(self, dims: WhisperDims) -> None:
