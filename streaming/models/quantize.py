@@ -198,16 +198,20 @@ def token_int8_available() -> bool:
     return True
 
 
-def _best_of_three(fn) -> float:
-    """The quickest of three timed calls of ``fn``, after one untimed call (a kernel's first call
-    pays for its set-up)."""
-    fn()
-    times = []
-    for _ in range(3):
-        t = time.perf_counter()
+def _quickest(*fns, rounds: int = 5) -> list[float]:
+    """Each of ``fns``'s quickest call of ``rounds`` timed calls, after one untimed call of each (a
+    kernel's first call pays for its set-up). The calls take turns, round after round, so that a
+    moment of load elsewhere on the machine slows one round of them all, not one of them: a probe
+    that timed each kernel in turn picked int8 over bf16 once while another process started."""
+    for fn in fns:
         fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+    times = [[] for _ in fns]
+    for _ in range(rounds):
+        for fn, spent in zip(fns, times):
+            t = time.perf_counter()
+            fn()
+            spent.append(time.perf_counter() - t)
+    return [min(spent) for spent in times]
 
 
 @functools.cache
@@ -216,13 +220,14 @@ def token_int8_fast() -> bool:
     the CPU has no int8 dot-product instructions (AVX2 without VNNI, e.g. an AMD EPYC that
     reports only AVX2) torch takes a reference loop: a 10 s window's encoder matrices (1,500 x
     512 x 2,048) then took 2.5 s against 0.055 s in float32. Measured once per process, best of
-    three (a few ms where the kernel is quick, about 0.1 s where it is not)."""
+    five (a few ms where the kernel is quick, about 0.1 s where it is not)."""
     if not token_int8_available():
         return False
     a = torch.randint(-100, 100, (64, 512), dtype=torch.int8)
     b = torch.randint(-100, 100, (512, 512), dtype=torch.int8)
     af, bf = a.float(), b.float()
-    return _best_of_three(lambda: torch._int_mm(a, b)) <= _best_of_three(lambda: af @ bf)
+    int8, fp32 = _quickest(lambda: torch._int_mm(a, b), lambda: af @ bf)
+    return int8 <= fp32
 
 
 @functools.cache
@@ -231,16 +236,17 @@ def bf16_fast() -> bool:
     is quick) and float32 ones? Where it has AMX tiles (Intel Xeon since Sapphire Rapids) a
     Whisper-encoder-sized product (1,500 x 512 x 2,048) takes 8.4 ms in bf16 against 13.7 ms in
     int8 and 27.6 ms in float32; without bf16 instructions torch emulates bf16 and it is the
-    slowest. Measured once per process (about 0.15 s), on the shape of a 30 s window's first
-    feed-forward product in Whisper base, best of three (the margins there are wide: small
-    products of a few hundred rows come out even)."""
+    slowest. Measured once per process (about 0.4 s with the int8 probe), on the shape of a 30 s
+    window's first feed-forward product in Whisper base, best of five (the margins there are
+    wide: small products of a few hundred rows come out even)."""
     a, b = torch.randn(1500, 512), torch.randn(512, 2048)
     ab, bb = a.to(torch.bfloat16), b.to(torch.bfloat16)
-    rivals = [_best_of_three(lambda: a @ b)]
+    rivals = [lambda: a @ b]
     if token_int8_fast():
         qa, qb = a.clamp(-100, 100).to(torch.int8), b.clamp(-100, 100).to(torch.int8)
-        rivals.append(_best_of_three(lambda: torch._int_mm(qa, qb)))
-    return _best_of_three(lambda: ab @ bb) < min(rivals)
+        rivals.append(lambda: torch._int_mm(qa, qb))
+    bf16, *others = _quickest(lambda: ab @ bb, *rivals)
+    return bf16 < min(others)
 
 
 def quantize_token_int8(model: torch.nn.Module) -> torch.nn.Module:
