@@ -97,12 +97,18 @@ def test_long_speech_is_cut_at_stable_words_and_cost_stays_flat(tiny):
     windows = []  # seconds of audio each encoder pass saw: the cost of a step, without a clock
     encode = rec._encode
     rec._encode = lambda s, audio, final=False: (windows.append(len(audio) / RATE), encode(s, audio, final))[1]
+    aligned = []  # at each cut: does it align the latest hypothesis, each token once?
+    cut = rec._cut
+    rec._cut = lambda s, feats, end, latest: (aligned.append(s.committed + latest.tokens == s.history[-1]),
+                                              cut(s, feats, end, latest))[1]
     out = []
     for i in range(0, len(speech), 320):
         out += rec.push(rs, speech[i : i + 320], i / RATE)
     out += rec.finish(rs)
     finals = [f for f in out if isinstance(f, FinalText)]
     assert sum(f.continued for f in finals) >= 3, "the window was cut at committed words"
+    # (a step that committed words and cut used to align those words twice: the cut came early)
+    assert aligned and all(aligned), aligned
     assert len(rs.buf) / RATE < 12.0 + 8.0, "the audio buffer is trimmed"
     # flat cost: no encoder pass ever saw more than the window bound (timings are left to
     # `duplex bench asr --monologue-minutes`: on a shared machine they are noise in a test)

@@ -502,9 +502,12 @@ class StreamingRecognizer:
         newly = self._agree(s, d)
         if newly and end - s.window_start < EARLY_COMMIT_S:
             s.early = len(s.committed)
+        # the hypothesis after the words committed now (a cut aligns the committed words and these)
+        rest = hyp[len(s.committed) :]
+        d = replace(d, tokens=rest, logprobs=d.logprobs[len(d.logprobs) - len(rest) :])
         out: list[Frame] = []
         tok = self.m.tokenizer
-        unstable = tok.decode(hyp[len(s.committed) :])
+        unstable = tok.decode(rest)
         out.append(
             PartialText(
                 pts=end, utterance=s.utterance, stable=tok.decode(s.committed), unstable=unstable,
