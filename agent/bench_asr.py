@@ -470,19 +470,21 @@ def current_rss_mb() -> float:
 def monologue(bundle, rows: list[Row], asr: ASRConfig, minutes: float = 10.0) -> dict:
     """A long monologue (the manifest's speech joined with 150 ms gaps, too short for VAD to end
     the utterance) streamed with one open utterance: step time, resident memory per minute (at
-    its end, lowest and highest, sampled every second of audio; and the process's peak) and the
-    recogniser state's size."""
+    its end, lowest and highest, sampled every second of audio; and the process's peak), the
+    recogniser state's size, and the WER of its finals against the joined references (the
+    window cuts every ``max_window_s``: words lost or doubled at a cut show here)."""
     import resource
 
     import torch
 
     torch.set_num_threads(1)
-    pieces, total = [], 0
+    pieces, refs, total = [], [], 0
     gap = np.zeros(2400, dtype=np.float32)
     while total < minutes * 60 * 16000:
         for r in rows:
             a = read_audio(r.path)
             pieces += [a, gap]
+            refs.append(r.reference)
             total += len(a) + len(gap)
             if total >= minutes * 60 * 16000:
                 break
@@ -496,7 +498,7 @@ def monologue(bundle, rows: list[Row], asr: ASRConfig, minutes: float = 10.0) ->
     rss_range: dict[int, tuple[float, float]] = {}
     peak: dict[int, float] = {}
     sizes: dict[int, dict] = {}
-    finals = 0
+    finals: list[str] = []
     for i in range(0, len(audio), BLOCK):
         t = time.perf_counter()
         out = rec.push(state, audio[i : i + BLOCK], i / 16000)
@@ -504,7 +506,7 @@ def monologue(bundle, rows: list[Row], asr: ASRConfig, minutes: float = 10.0) ->
         minute = int(i / 16000 // 60)
         if any(isinstance(f, PartialText) for f in out):
             per_minute.setdefault(minute, []).append(dt * 1000)
-        finals += sum(isinstance(f, FinalText) for f in out)
+        finals += [f.text for f in out if isinstance(f, FinalText)]
         if (i // BLOCK) % 50 == 0 or int((i + BLOCK) / 16000 // 60) != minute or i + BLOCK >= len(audio):
             # every second and at the minute's last block: memory as it stands
             now = current_rss_mb()
@@ -514,14 +516,15 @@ def monologue(bundle, rows: list[Row], asr: ASRConfig, minutes: float = 10.0) ->
             peak[minute] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             sizes[minute] = {"buffer_s": round(len(state.buf) / 16000, 2), "context_tokens": len(state.context),
                              "step_seconds_kept": len(state.step_seconds)}
-    finals += len(rec.finish(state))
+    finals += [f.text for f in rec.finish(state) if isinstance(f, FinalText)]
     return {
         "minutes": round(len(audio) / 16000 / 60, 2),
+        "wer": wer([normalize(" ".join(refs))], [normalize(" ".join(finals))]),
         "step_ms_by_minute": {m: pct(v) for m, v in sorted(per_minute.items())},
         "rss_mb_by_minute": rss,
         "rss_mb_range_by_minute": rss_range,
         "peak_rss_mb_by_minute": peak,
         "state_by_minute": sizes,
         "buffer_seconds_at_end": round(len(state.buf) / 16000, 2),
-        "final_segments": finals,
+        "final_segments": len(finals),
     }

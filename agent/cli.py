@@ -443,7 +443,8 @@ def cmd_bench_asr(args: argparse.Namespace, cfg: DuplexConfig) -> int:
         out = {n: bench_asr.monologue(resolver.whisper(n, cfg.models.asr_precision), rows, cfg.asr, args.monologue_minutes)
                for n in names}
         for n, r in out.items():
-            print(f"{n}: {r['minutes']} min, {r['final_segments']} final segments, buffer at end {r['buffer_seconds_at_end']} s")
+            print(f"{n}: {r['minutes']} min, {r['final_segments']} final segments, WER {r['wer']:.3f}, "
+                  f"buffer at end {r['buffer_seconds_at_end']} s")
             print("| minute | partial step p50 ms | p90 ms | RSS at minute end MB | RSS lowest / highest MB | peak RSS MB |\n"
                   "|---|---|---|---|---|---|")
             for m, st in r["step_ms_by_minute"].items():
