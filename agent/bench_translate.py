@@ -191,6 +191,11 @@ def faster_whisper(ct2_dir: Path, compute_type: str = "float32"):
 
 
 def run_fw(model, audio: np.ndarray, language: str, beam_size: int = 1) -> Run:
+    import ctranslate2
+
+    # faster-whisper's temperature fallback samples with CTranslate2's generator: seeded for each
+    # file, as our fallback's, so that a rerun gives the same text
+    ctranslate2.set_random_seed(0)
     t = time.perf_counter()
     segs, _ = model.transcribe(audio, language=language, task="translate", beam_size=beam_size, vad_filter=False,
                                without_timestamps=True)
