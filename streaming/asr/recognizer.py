@@ -507,11 +507,11 @@ class StreamingRecognizer:
         if newly and end - s.window_start < EARLY_COMMIT_S:
             s.early = len(s.committed)
         # the hypothesis after the words committed now (a cut aligns the committed words and these)
-        rest = hyp[len(s.committed) :]
-        d = replace(d, tokens=rest, logprobs=d.logprobs[len(d.logprobs) - len(rest) :])
+        just = len(s.committed) + len(d.tokens) - len(hyp)  # tokens committed by this step
+        d = replace(d, tokens=d.tokens[just:], logprobs=d.logprobs[just:])
         out: list[Frame] = []
         tok = self.m.tokenizer
-        unstable = tok.decode(rest)
+        unstable = tok.decode(d.tokens)
         out.append(
             PartialText(
                 pts=end, utterance=s.utterance, stable=tok.decode(s.committed), unstable=unstable,
