@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from orchestration.playback import Playback
-from streaming.aec import EchoCanceller, EchoReference
-from streaming.audio_device import MicSource, resolve_device
+from streaming.aec import EchoCanceller, EchoReference, ShiftedReference
+from streaming.audio_device import REFERENCE_LEAD, MicSource, StreamClock, resolve_device
 from streaming.clock import Clock, RealClock
 from streaming.errors import DeviceError, DuplexError
 from streaming.frames import INTERNAL_RATE, AudioFrame, Frame
@@ -64,7 +64,8 @@ def run_converse(args, cfg: DuplexConfig) -> int:
 
 
 class DeviceSpeaker:
-    """Plays ``Playback`` on a PortAudio output: the callback pulls the agent's audio."""
+    """Plays ``Playback`` on a PortAudio output: the callback pulls the agent's audio, stamped
+    with the time the device will play it (``StreamClock``)."""
 
     def __init__(self, playback: Playback, device, clock: Clock) -> None:
         import sounddevice as sd
@@ -73,9 +74,10 @@ class DeviceSpeaker:
         info = resolve_device(device, "output")
         self.stream = sd.OutputStream(device=info.index, samplerate=INTERNAL_RATE, channels=1, dtype="float32",
                                       blocksize=320, callback=self._callback)
+        self.times = StreamClock(clock, self.stream)
 
     def _callback(self, outdata, frames, time_info, status) -> None:
-        outdata[:, 0] = self.playback.pull(frames, self.clock.now())
+        outdata[:, 0] = self.playback.pull(frames, self.times.dac_time(time_info))
 
     def __enter__(self):
         self.stream.start()
@@ -102,7 +104,8 @@ def run_talk(args, cfg: DuplexConfig) -> int:
     models = AgentModels.load(cfg)
     clock = RealClock()
     reference = EchoReference(cfg.aec.reference_seconds)
-    playback = Playback(reference)
+    # stamped a little before the device's DAC time, which can be late (see SpeakerSink)
+    playback = Playback(ShiftedReference(reference, -REFERENCE_LEAD))
     view = TalkView()
     stages, _ = build_stages(cfg, models, playback, view.show, reference)
     try:

@@ -45,7 +45,7 @@ import numpy as np
 from orchestration.coordinator import Coordinator
 from orchestration.dialogue import DialogueLLM
 from orchestration.playback import Playback
-from streaming.aec import AECStage, EchoCanceller, EchoReference
+from streaming.aec import AECStage, EchoCanceller, EchoReference, ShiftedReference
 from streaming.asr.alignment import warm_up_alignment
 from streaming.asr.hotwords import parse_hotwords
 from streaming.asr.recognizer import ASRConfig, StreamingRecognizer
@@ -262,21 +262,6 @@ class _AEC(AECStage):
         await super().process(frame)
 
 
-class _AudioTimeReference:
-    """The echo canceller's reference on the session's audio timeline. ``Playback`` stamps what is
-    pulled with the session clock; the canceller looks it up by the ``pts`` of microphone frames,
-    which count seconds of audio pushed. ``offset`` maps one onto the other: it is set from the
-    latest push when the agent starts a stretch of speech, and kept for the stretch, so the
-    reference stays one continuous stream (the canceller finds the remaining delay itself)."""
-
-    def __init__(self, reference: EchoReference) -> None:
-        self.reference = reference
-        self.offset = 0.0
-
-    def push(self, samples: np.ndarray, t: float) -> None:
-        self.reference.push(samples, t + self.offset)
-
-
 class _Playback(Playback):
     """``Playback`` that wakes the session's player when audio is queued."""
 
@@ -451,7 +436,12 @@ class Session:
         #: its dialogue LLM state: one KV cache per session
         self.dialogue_llm: DialogueLLM | None = None
         self._echo: EchoReference | None = None
-        self._reference: _AudioTimeReference | None = None
+        #: the echo canceller's reference on the session's audio timeline. ``Playback`` stamps what
+        #: is pulled with the session clock; the canceller looks it up by the ``pts`` of microphone
+        #: frames, which count seconds of audio pushed. The offset maps one onto the other: it is
+        #: set from the latest push when the agent starts a stretch of speech, and kept for the
+        #: stretch, so the reference stays one continuous stream (the canceller finds the rest)
+        self._reference: ShiftedReference | None = None
         self._canceller: EchoCanceller | None = None
         self.playback: Playback | None = None
         self._player: asyncio.Task[None] | None = None
@@ -464,7 +454,7 @@ class Session:
         if self.dialogue:
             if self.cfg.aec.enabled:
                 self._echo = EchoReference(self.cfg.aec.reference_seconds)
-                self._reference = _AudioTimeReference(self._echo)
+                self._reference = ShiftedReference(self._echo)
                 self._canceller = EchoCanceller(self.cfg.aec)
             self.playback = _Playback(self._reference, self._wake_player)
 

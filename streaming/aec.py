@@ -62,8 +62,9 @@ class AECConfig:
     residual_tail_ms: Annotated[float, Field(gt=0, le=2000)] = 250.0
     #: decision-directed smoothing of the post-filter gain (0 = instantaneous)
     gain_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.8
-    #: the stage reads the reference this much before the mic time (timing jitter must never
-    #: put the echo ahead of its reference), ms
+    #: the stage reads the reference this much before the mic time, so that what a player pushed
+    #: just as its echo was captured is there to read; an echo must come back at least this late
+    #: after its reference's timestamp (speakers stamp theirs early for that), ms
     ref_margin_ms: Annotated[float, Field(ge=0, le=200)] = 10.0
     #: seconds of played audio the reference ring buffer keeps
     reference_seconds: Annotated[float, Field(gt=0, le=60)] = 5.0
@@ -92,6 +93,9 @@ class AECStats:
     #: times the foreground filter took the background's weights / the background was rolled back
     foreground_updates: int
     background_resets: int
+    #: times the foreground filter was dropped because it added more than it removed (the echo
+    #: path moved)
+    path_changes: int
     blocks: int
 
     def as_dict(self) -> dict:
@@ -312,6 +316,7 @@ class EchoCanceller:
             ncc=float(fs[dsp.F_XI]),
             foreground_updates=int(st[dsp.I_FG_UPD]),
             background_resets=int(st[dsp.I_BG_RESET]),
+            path_changes=int(st[dsp.I_PATH_CHANGES]),
             blocks=int(st[dsp.I_COUNT]),
         )
 
@@ -333,14 +338,17 @@ class EchoReference:
     ``push(samples, t)`` appends played audio whose first sample left the speaker at pipeline
     time ``t``. Successive pushes are treated as one continuous stream (timestamps jitter; the
     samples do not); only when a timestamp disagrees with the running sample count by more than
-    ``tolerance_s`` (a gap, a device restart, clock drift) is the stream re-anchored there.
+    ``tolerance_s`` (a gap, a device restart, clock drift) is the stream re-anchored there. The
+    tolerance is wider than a host API's wobble in the DAC times it reports (PulseAudio's moved by
+    4 ms under load, and following it misaligned a converged canceller) and narrower than the
+    gap an underflow leaves, which is a whole callback block (20 ms).
     Other rates are resampled to 16 kHz on the way in (continuously: the speaker callback pushes
     every block it writes, silence included). ``read(t, n)`` returns the ``n`` samples played
     from time ``t`` on, zeros where nothing was played. Safe to push and read from different
     threads (the PortAudio callback and the AEC stage).
     """
 
-    def __init__(self, seconds: float = 5.0, *, tolerance_s: float = 0.004, silence: float = 1e-5) -> None:
+    def __init__(self, seconds: float = 5.0, *, tolerance_s: float = 0.012, silence: float = 1e-5) -> None:
         self.rate = INTERNAL_RATE
         self.capacity = int(seconds * self.rate)
         self.tolerance = tolerance_s
@@ -427,6 +435,19 @@ class EchoReference:
             self._in_rate = None
             self._last_sound = -math.inf
             self._buf[:] = 0
+
+
+class ShiftedReference:
+    """Pushes into an ``EchoReference`` with every time moved by ``offset`` seconds: a fixed lead
+    for a speaker whose reported DAC time can be late, or a mapping from one timeline onto
+    another. ``offset`` may be changed between stretches of speech."""
+
+    def __init__(self, reference: EchoReference, offset: float = 0.0) -> None:
+        self.reference = reference
+        self.offset = offset
+
+    def push(self, samples: np.ndarray, t: float, rate: int = INTERNAL_RATE) -> None:
+        self.reference.push(samples, t + self.offset, rate)
 
 
 # -------------------------------------------------------------------------------------- stage

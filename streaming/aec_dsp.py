@@ -85,7 +85,9 @@ F_SEE_AVG = 15  # smoothed background error power
 F_SFF_AVG = 16  # smoothed foreground error power
 F_NOISE = 17  # microphone noise floor (block energy): fast down, slow up
 F_PX_W = 18  # weight the reference power average has gathered (bias correction at the start)
-N_FSTATE = 19
+F_DIV_IN = 19  # fast-smoothed mic power while the far end is heard (double talk or not)
+F_DIV_LIN = 20  # fast-smoothed linear-output power, same blocks
+N_FSTATE = 21
 
 # -- int state ------------------------------------------------------------------------------
 I_HIDX = 0  # history slot of the newest reference spectrum
@@ -105,7 +107,8 @@ I_BG_RESET = 13
 I_STREAM = 14  # blocks since the stream (re)started
 I_DELAY_MOVES = 15
 I_CONVERGED = 16  # the linear filter removes enough echo for its estimate to guide the post-filter
-N_ISTATE = 17
+I_PATH_CHANGES = 17  # times the foreground was found adding more than it removed
+N_ISTATE = 18
 
 
 # ------------------------------------------------------------------------------------ FFT
@@ -472,6 +475,38 @@ def process_blocks(
                     sey += e[i] * yb[i]
         for i in range(n):
             elin[i] = d[o + i] - yout[i]
+
+        # -------------------------------------------------------------- echo path change
+        # A foreground whose output is louder than the microphone subtracts an echo that is not
+        # there: the echo path moved (a device's latency jumped, the laptop was turned). Its
+        # estimate no longer matches the microphone, which the double-talk detector would read
+        # as someone talking, and freeze what it learns for seconds. Near-end speech cannot do
+        # this (it adds to the microphone as much as to the output), so drop the foreground, and
+        # let the post-filter treat all it hears as echo until the filter has converged again.
+        if adapt and far_active and ist[I_ADAPTED] == 1 and audible:
+            slin = 0.0
+            for i in range(n):
+                slin += elin[i] * elin[i]
+            fs[F_DIV_IN] = 0.9 * fs[F_DIV_IN] + 0.1 * sdd
+            fs[F_DIV_LIN] = 0.9 * fs[F_DIV_LIN] + 0.1 * slin
+            if fs[F_DIV_LIN] > 1.26 * fs[F_DIV_IN]:
+                F[:, :] = 0.0
+                ist[I_PATH_CHANGES] += 1
+                ist[I_CONVERGED] = 0
+                ist[I_DT_HANG] = 0
+                ist[I_DT] = 0
+                fs[F_DIV_IN] = 0.0
+                fs[F_DIV_LIN] = 0.0
+                fs[F_ERLE_IN] = 0.0
+                fs[F_ERLE_LIN] = 0.0
+                fs[F_ERLE_OUT] = 0.0
+                fs[F_DAVG1] = 0.0
+                fs[F_DAVG2] = 0.0
+                fs[F_DVAR1] = 0.0
+                fs[F_DVAR2] = 0.0
+                for i in range(n):
+                    yout[i] = 0.0
+                    elin[i] = d[o + i]
 
         # ------------------------------------------------------- adapt the background filter
         if adapt:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import math
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -159,9 +160,14 @@ class MicSource(Source):
         def on_loop() -> None:
             ready.set()
 
+        first: list[float] = []  # when the first block's first sample was captured
+
         def callback(indata: np.ndarray, frames: int, time_info: Any, status: Any) -> None:
             if status.input_overflow:
                 self.overflows += 1
+            if not first:
+                # stamped here, not when the event loop gets to it: a busy loop would stamp it late
+                first.append(clock.now() - frames / self.device_rate)
             with lock:
                 if len(blocks) >= self._max_blocks:
                     blocks.popleft()
@@ -203,7 +209,7 @@ class MicSource(Source):
                 for raw in got:
                     if t0 is None:
                         # the first block was captured during the block period before it arrived
-                        t0 = clock.now() - len(raw) / self.device_rate
+                        t0 = first[0] if first else clock.now() - len(raw) / self.device_rate
                     mono = resampler.process(to_mono(raw))
                     pending = np.concatenate([pending, mono]) if len(pending) else mono
                 while len(pending) >= self.block and t0 is not None:
@@ -221,6 +227,49 @@ class MicSource(Source):
         yield EndOfStream(pts=(t0 or clock.now()) + sent / INTERNAL_RATE)
 
 
+#: how much earlier than the DAC time a speaker stamps the echo canceller's reference (seconds)
+REFERENCE_LEAD = 0.05
+
+
+class StreamClock:
+    """When the block a PortAudio output callback writes will be heard, on the pipeline clock.
+
+    PortAudio reports the block's DAC time on its own stream clock. The offset between that clock
+    and the pipeline clock is measured once, when the stream is opened (the tightest of five
+    back-to-back readings), so a callback that runs late on a busy CPU does not move the times
+    it reports: stamping with the pipeline clock inside the callback did, by milliseconds, and the
+    echo canceller's reference was re-anchored at each jump. Host APIs that report no DAC time
+    fall back to the pipeline clock plus the stream's latency.
+    """
+
+    def __init__(self, clock: Clock, stream: Any) -> None:
+        self.clock = clock
+        self.stream = stream
+        self.offset: float | None = None  # pipeline clock minus PortAudio's stream clock
+        best = math.inf
+        try:
+            for _ in range(5):
+                a = clock.now()
+                pa = float(stream.time)
+                b = clock.now()
+                if pa > 0 and b - a < best:
+                    best, self.offset = b - a, (a + b) / 2 - pa
+        except Exception:  # noqa: BLE001 - a host API without a stream clock: use ours
+            self.offset = None
+
+    def dac_time(self, time_info: Any) -> float:
+        try:
+            dac = float(time_info.outputBufferDacTime)
+            ahead = dac - float(time_info.currentTime) if dac > 0 else -1.0
+        except (AttributeError, TypeError):
+            dac, ahead = 0.0, -1.0
+        if 0.0 <= ahead < 1.0 and self.offset is not None:
+            return dac + self.offset
+        if not 0.0 <= ahead < 1.0:  # host APIs that do not report it (zeros or garbage)
+            ahead = float(getattr(self.stream, "latency", 0.0) or 0.0)
+        return self.clock.now() + ahead
+
+
 class SpeakerSink(Stage):
     """Plays AudioFrames on a PortAudio output device. Forwards every frame.
 
@@ -229,7 +278,11 @@ class SpeakerSink(Stage):
     At EndOfStream the sink waits until its buffer has played out.
 
     With a ``reference``, every block the callback writes (silence included) is pushed to it,
-    stamped with the pipeline-clock time it reaches the speaker: the echo canceller's reference.
+    stamped with the pipeline-clock time it reaches the speaker (``StreamClock``), less
+    ``reference_lead``: the echo canceller's reference. The lead is there because a reported DAC
+    time can be late (PulseAudio's null sink monitor hears a block 20-30 ms before it). An echo
+    that arrives before its reference cannot be cancelled; one that arrives after it is found by
+    the canceller's delay estimator.
     """
 
     def __init__(
@@ -240,6 +293,7 @@ class SpeakerSink(Stage):
         block_ms: float = 20.0,
         max_buffer_seconds: float = 1.0,
         reference: EchoReference | None = None,
+        reference_lead: float = REFERENCE_LEAD,
     ) -> None:
         super().__init__()
         self.name = "speaker"
@@ -255,6 +309,8 @@ class SpeakerSink(Stage):
         self.played_samples = 0
         self.underflows = 0
         self.reference = reference
+        self.reference_lead = reference_lead
+        self._times: StreamClock | None = None
 
     @property
     def played_seconds(self) -> float:
@@ -284,18 +340,8 @@ class SpeakerSink(Stage):
         if outdata.shape[1] > 1:
             outdata[:, 1:] = outdata[:, :1]
         if self.reference is not None:
-            self.reference.push(outdata[:, 0].copy(), self._dac_time(time_info), self.device_rate)
-
-    def _dac_time(self, time_info: Any) -> float:
-        """Pipeline-clock time at which the block being written will leave the speaker."""
-        try:
-            dac = float(time_info.outputBufferDacTime)
-            ahead = dac - float(time_info.currentTime) if dac > 0 else -1.0
-        except (AttributeError, TypeError):
-            ahead = -1.0
-        if not 0.0 <= ahead < 1.0:  # host APIs that do not report it (zeros or garbage)
-            ahead = float(getattr(self._stream, "latency", 0.0) or 0.0)
-        return self.clock.now() + ahead
+            t = self._times.dac_time(time_info) if self._times is not None else self.clock.now()
+            self.reference.push(outdata[:, 0].copy(), t - self.reference_lead, self.device_rate)
 
     def _ensure_stream(self) -> None:
         if self._stream is not None:
@@ -310,6 +356,7 @@ class SpeakerSink(Stage):
                 blocksize=self.block,
                 callback=self._callback,
             )
+            self._times = StreamClock(self.clock, self._stream)
             self._stream.start()
         except (sd.PortAudioError, ValueError) as exc:
             raise DeviceError(f"cannot open output device {self.device.name!r}: {exc}") from None

@@ -165,6 +165,25 @@ def test_reference_leading_the_echo_by_50_to_150_ms(agent, lead_ms):
     assert ec.stats.bulk_delay_ms <= lead_ms  # the filter window starts before the echo
 
 
+@pytest.mark.parametrize("jump_ms", [-12, 4, 12])
+def test_an_echo_path_that_jumps_is_cancelled_again_within_half_a_second(agent, jump_ms):
+    """A device whose latency jumps (PulseAudio's moved by 12 ms under load) leaves a converged
+    filter subtracting an echo that is no longer there. It used to pass the echo at 0 dB for two
+    seconds while the double-talk detector froze what the filter learned."""
+    x = agent[: 8 * RATE]
+    d0, at = int(0.030 * RATE), 3 * RATE
+    d1 = d0 + jump_ms * RATE // 1000
+    mic = np.zeros_like(x)
+    mic[d0:at] = x[: at - d0]
+    mic[at:] = x[at - d1 : len(x) - d1]
+    ec = EchoCanceller()
+    out = ec.process(mic, x)[ec.latency :]
+    mic = mic[: len(out)]
+    assert db(mic[2 * RATE : at], out[2 * RATE : at]) > 30.0  # converged before the jump
+    assert db(mic[at + RATE // 2 : at + 2 * RATE], out[at + RATE // 2 : at + 2 * RATE]) > 30.0
+    assert ec.stats.path_changes >= 1
+
+
 def test_without_delay_search_a_long_enough_tail_covers_the_delay(agent):
     n = 10 * RATE
     room = Room(RoomConfig(rt60_s=0.25, delay_ms=100, echo_gain_db=-3.0, seed=2))
@@ -406,6 +425,9 @@ async def test_speaker_sink_feeds_the_reference_and_the_loop_cancels(pulse_null_
     start = 2 * RATE  # give the canceller time to find the device latency and converge
     assert np.sqrt(np.mean(raw[start:] ** 2)) > 0.01  # the loop really carried the speech
     assert db(raw[start:], out[start:]) > 20.0
+    # the linear filter did its share: the reference was stamped no later than the echo came back
+    # (with the reported DAC time it was 20-30 ms late here, and only the post-filter worked)
+    assert stage.canceller.stats.erle_linear_db > 6.0
 
 
 def test_bench_aec_command_reports_the_rooms(duplex_bin, tmp_path):
