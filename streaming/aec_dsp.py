@@ -446,10 +446,7 @@ def process_blocks(
         if promote:
             F[:, :] = W
             ist[I_FG_UPD] += 1
-            fs[F_DAVG1] = 0.0
-            fs[F_DAVG2] = 0.0
-            fs[F_DVAR1] = 0.0
-            fs[F_DVAR2] = 0.0
+            fs[F_DAVG1 : F_DVAR2 + 1] = 0.0  # the two-path error statistics
             # cross-fade the echo estimate over the block so the switch is inaudible
             for i in range(n):
                 r = (i + 0.5) / n
@@ -461,10 +458,7 @@ def process_blocks(
                 # the background went astray (double talk): back to the foreground
                 W[:, :] = F
                 ist[I_BG_RESET] += 1
-                fs[F_DAVG1] = 0.0
-                fs[F_DAVG2] = 0.0
-                fs[F_DVAR1] = 0.0
-                fs[F_DVAR2] = 0.0
+                fs[F_DAVG1 : F_DVAR2 + 1] = 0.0  # the two-path error statistics
                 see = sff
                 syy = 0.0
                 sey = 0.0
@@ -495,15 +489,9 @@ def process_blocks(
                 ist[I_CONVERGED] = 0
                 ist[I_DT_HANG] = 0
                 ist[I_DT] = 0
-                fs[F_DIV_IN] = 0.0
-                fs[F_DIV_LIN] = 0.0
-                fs[F_ERLE_IN] = 0.0
-                fs[F_ERLE_LIN] = 0.0
-                fs[F_ERLE_OUT] = 0.0
-                fs[F_DAVG1] = 0.0
-                fs[F_DAVG2] = 0.0
-                fs[F_DVAR1] = 0.0
-                fs[F_DVAR2] = 0.0
+                fs[F_DIV_IN : F_DIV_LIN + 1] = 0.0
+                fs[F_ERLE_IN : F_ERLE_OUT + 1] = 0.0  # convergence is earned again
+                fs[F_DAVG1 : F_DVAR2 + 1] = 0.0  # the two-path error statistics
                 for i in range(n):
                     yout[i] = 0.0
                     elin[i] = d[o + i]
@@ -650,10 +638,7 @@ def process_blocks(
                                 _shift_partitions(F, target - bulk)
                                 ist[I_BULK] = target
                                 ist[I_DELAY_MOVES] += 1
-                                fs[F_DAVG1] = 0.0
-                                fs[F_DAVG2] = 0.0
-                                fs[F_DVAR1] = 0.0
-                                fs[F_DVAR2] = 0.0
+                                fs[F_DAVG1 : F_DVAR2 + 1] = 0.0  # the two-path error statistics
         # ------------------------------------------------------ residual-echo post-filter
         for i in range(n):
             frame[i] = win[i] * eprev[i]
