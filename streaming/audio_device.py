@@ -124,7 +124,10 @@ class MicSource(Source):
     """Captures from a PortAudio input device and yields 16 kHz mono AudioFrames of ``block_ms``.
 
     ``max_seconds`` bounds the capture (None runs until ``stop()`` or cancellation). Overruns are
-    counted in ``overflows`` and logged, never silently hidden.
+    counted in ``overflows`` and logged, never silently hidden. Blocks dropped because the consumer
+    fell ``buffer_seconds`` behind are counted in ``dropped_blocks`` and replaced by silence, so the
+    timestamps that follow stay on the time their audio was captured (the echo canceller pairs them
+    with what the speaker played then).
     """
 
     def __init__(
@@ -161,6 +164,7 @@ class MicSource(Source):
             ready.set()
 
         first: list[float] = []  # when the first block's first sample was captured
+        lost = [0]  # device frames dropped (oldest first) since the loop last took the blocks
 
         def callback(indata: np.ndarray, frames: int, time_info: Any, status: Any) -> None:
             if status.input_overflow:
@@ -170,7 +174,7 @@ class MicSource(Source):
                 first.append(clock.now() - frames / self.device_rate)
             with lock:
                 if len(blocks) >= self._max_blocks:
-                    blocks.popleft()
+                    lost[0] += len(blocks.popleft())
                     self.dropped_blocks += 1
                 blocks.append(indata.copy())
             loop.call_soon_threadsafe(on_loop)
@@ -206,6 +210,11 @@ class MicSource(Source):
                 with lock:
                     got = list(blocks)
                     blocks.clear()
+                    gap, lost[0] = lost[0], 0
+                if gap:
+                    # what a slow consumer made us drop was captured before what is left: silence in
+                    # its place keeps every later timestamp on the time it was captured
+                    got.insert(0, np.zeros((gap, self.channels), np.float32))
                 for raw in got:
                     if t0 is None:
                         # the first block was captured during the block period before it arrived

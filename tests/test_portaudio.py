@@ -3,6 +3,7 @@ through the sink's monitor into our MicSource, sample for sample (up to resampli
 
 import asyncio
 import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -64,6 +65,27 @@ async def test_samples_played_come_back_through_the_microphone_source(pulse_null
     assert np.corrcoef(seg, up_ref)[0, 1] > 0.99
     assert np.max(np.abs(seg)) == pytest.approx(np.max(np.abs(ref)), rel=0.05)
     assert speaker.played_seconds == pytest.approx(len(ref) / 16000, abs=0.05)
+
+
+async def test_audio_dropped_for_a_slow_consumer_is_replaced_by_silence_on_time(pulse_null_sink):
+    """A consumer that stalls longer than the microphone's buffer loses audio; the frames after
+    it must still carry the time they were captured (the echo canceller pairs them with what was
+    played then), not fall behind by what was dropped."""
+    clock = RealClock()
+    seen: list[tuple[float, float]] = []
+
+    def on_audio(f):
+        seen.append((f.pts, clock.now()))
+        if len(seen) == 25:
+            time.sleep(0.8)  # the event loop stalls: the 0.2 s buffer overflows
+
+    mic = MicSource("pulse", max_seconds=3.0, buffer_seconds=0.2)
+    await asyncio.wait_for(Pipeline(mic, [Callback(on_audio, (AudioFrame,), name="slow")], clock=clock).run(), timeout=20)
+    assert mic.dropped_blocks >= 10
+    pts = np.array([p for p, _ in seen])
+    assert np.allclose(np.diff(pts), 0.02, atol=1e-6)  # one contiguous stream
+    behind = [now - p for p, now in seen[-20:]]  # arrival minus capture time, well after the stall
+    assert max(behind) < 0.3, behind
 
 
 async def test_microphone_to_vad_pipeline_detects_the_played_speech(pulse_null_sink):
