@@ -471,13 +471,13 @@ def process_blocks(
             elin[i] = d[o + i] - yout[i]
 
         # -------------------------------------------------------------- echo path change
-        # A foreground whose output is louder than the microphone subtracts an echo that is not
-        # there: the echo path moved (a device's latency jumped, the laptop was turned). Its
+        # A converged foreground whose output is louder than the microphone subtracts an echo that
+        # is not there: the echo path moved (a device's latency jumped, the laptop was turned). Its
         # estimate no longer matches the microphone, which the double-talk detector would read
         # as someone talking, and freeze what it learns for seconds. Near-end speech cannot do
         # this (it adds to the microphone as much as to the output), so drop the foreground, and
         # let the post-filter treat all it hears as echo until the filter has converged again.
-        if adapt and far_active and ist[I_ADAPTED] == 1 and audible:
+        if adapt and far_active and ist[I_CONVERGED] == 1 and audible:
             slin = 0.0
             for i in range(n):
                 slin += elin[i] * elin[i]

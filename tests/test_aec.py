@@ -409,14 +409,16 @@ async def test_speaker_sink_feeds_the_reference_and_the_loop_cancels(pulse_null_
         first.set()
 
     stage = AECStage(AECConfig(), ref)
-    listener = Pipeline(MicSource("pulse", max_seconds=seconds + 1.5),
+    mic = MicSource("pulse", max_seconds=seconds + 1.5)
+    speaker = SpeakerSink("pulse", reference=ref)
+    listener = Pipeline(mic,
                         [Callback(on_raw, (AudioFrame,), name="raw"), stage,
                          Callback(got_out.append, (AudioFrame,), name="out")], clock=clock)
     capture = asyncio.create_task(listener.run())
     await asyncio.wait_for(first.wait(), timeout=10)
     await asyncio.sleep(0.2)
     frames = [AudioFrame(samples=play[i : i + 320].copy(), pts=i / RATE) for i in range(0, len(play), 320)]
-    await Pipeline(IterableSource(frames), [SpeakerSink("pulse", reference=ref)], clock=clock).run()
+    await Pipeline(IterableSource(frames), [speaker], clock=clock).run()
     await asyncio.wait_for(capture, timeout=seconds + 10)
     assert ref.last_sound > 0  # the sink pushed what it played
     raw = np.concatenate([f.samples for f in got_in])
@@ -424,10 +426,22 @@ async def test_speaker_sink_feeds_the_reference_and_the_loop_cancels(pulse_null_
     assert len(out) == len(raw)
     start = 2 * RATE  # give the canceller time to find the device latency and converge
     assert np.sqrt(np.mean(raw[start:] ** 2)) > 0.01  # the loop really carried the speech
-    assert db(raw[start:], out[start:]) > 20.0
+    # judged per half second of echo: on a shared machine the device's timing can jump once (the
+    # echo path moves) and the canceller takes up to half a second to follow it (that recovery is
+    # tested on its own: test_an_echo_path_that_jumps_...)
+    half = RATE // 2
+    spans = [slice(i, i + half) for i in range(start, len(raw) - half + 1, half)]
+    wins = [db(raw[s], out[s]) for s in spans if np.sqrt(np.mean(raw[s] ** 2)) > 0.01]
+    stats = stage.canceller.stats
+    why = (f"dB per half second {np.round(wins, 1).tolist()}; reference re-anchors {ref.reanchors}, "
+           f"path changes {stats.path_changes}, mic overflows {mic.overflows} / dropped blocks "
+           f"{mic.dropped_blocks}, speaker underflows {speaker.underflows}")
+    assert len(wins) >= 3, why
+    assert np.median(wins) > 20.0, why
+    assert sum(w < 20.0 for w in wins) <= 1, why
     # the linear filter did its share: the reference was stamped no later than the echo came back
     # (with the reported DAC time it was 20-30 ms late here, and only the post-filter worked)
-    assert stage.canceller.stats.erle_linear_db > 6.0
+    assert stats.erle_linear_db > 6.0, why
 
 
 def test_bench_aec_command_reports_the_rooms(duplex_bin, tmp_path):
