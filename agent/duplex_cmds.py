@@ -70,7 +70,7 @@ class DeviceSpeaker:
     def __init__(self, playback: Playback, device, clock: Clock) -> None:
         import sounddevice as sd
 
-        self.playback, self.clock = playback, clock
+        self.playback = playback
         info = resolve_device(device, "output")
         self.stream = sd.OutputStream(device=info.index, samplerate=INTERNAL_RATE, channels=1, dtype="float32",
                                       blocksize=320, callback=self._callback)

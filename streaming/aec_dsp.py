@@ -467,8 +467,10 @@ def process_blocks(
                     yb[i] = yf[i]
                     syy += yb[i] * yb[i]
                     sey += e[i] * yb[i]
+        slin = 0.0
         for i in range(n):
             elin[i] = d[o + i] - yout[i]
+            slin += elin[i] * elin[i]
 
         # -------------------------------------------------------------- echo path change
         # A converged foreground whose output is louder than the microphone subtracts an echo that
@@ -478,9 +480,6 @@ def process_blocks(
         # this (it adds to the microphone as much as to the output), so drop the foreground, and
         # let the post-filter treat all it hears as echo until the filter has converged again.
         if adapt and far_active and ist[I_CONVERGED] == 1 and audible:
-            slin = 0.0
-            for i in range(n):
-                slin += elin[i] * elin[i]
             fs[F_DIV_IN] = 0.9 * fs[F_DIV_IN] + 0.1 * sdd
             fs[F_DIV_LIN] = 0.9 * fs[F_DIV_LIN] + 0.1 * slin
             if fs[F_DIV_LIN] > 1.26 * fs[F_DIV_IN]:
@@ -495,6 +494,7 @@ def process_blocks(
                 for i in range(n):
                     yout[i] = 0.0
                     elin[i] = d[o + i]
+                slin = sdd
 
         # ------------------------------------------------------- adapt the background filter
         if adapt:
@@ -728,9 +728,6 @@ def process_blocks(
 
         # ----------------------------------------------------------------- ERLE estimate
         if far_active and ist[I_DT] == 0 and ist[I_ADAPTED] == 1:
-            slin = 0.0
-            for i in range(n):
-                slin += elin[i] * elin[i]
             a = 0.98
             fs[F_ERLE_IN] = a * fs[F_ERLE_IN] + (1 - a) * sdd
             fs[F_ERLE_LIN] = a * fs[F_ERLE_LIN] + (1 - a) * slin

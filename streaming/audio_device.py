@@ -319,7 +319,7 @@ class SpeakerSink(Stage):
         self.underflows = 0
         self.reference = reference
         self.reference_lead = reference_lead
-        self._times: StreamClock | None = None
+        self._times: StreamClock  # with the stream, before it starts
 
     @property
     def played_seconds(self) -> float:
@@ -349,7 +349,7 @@ class SpeakerSink(Stage):
         if outdata.shape[1] > 1:
             outdata[:, 1:] = outdata[:, :1]
         if self.reference is not None:
-            t = self._times.dac_time(time_info) if self._times is not None else self.clock.now()
+            t = self._times.dac_time(time_info)  # set before the stream starts
             self.reference.push(outdata[:, 0].copy(), t - self.reference_lead, self.device_rate)
 
     def _ensure_stream(self) -> None:
