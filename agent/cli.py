@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--source", default="es,fr,it", help="source language(s), comma-separated (default es,fr,it)")
     b.add_argument("--target", default="en", help="target language (default en; references exist for en only)")
     b.add_argument("--model", default="whisper:base", help="multilingual Whisper model (default whisper:base)")
-    b.add_argument("--systems", metavar="S1,S2", help="only these of streaming, offline, offline-greedy, fw, fw-int8, cascade (default: the first three)")
+    b.add_argument("--systems", metavar="S1,S2", help="only these of streaming, streaming-steps, offline, offline-greedy, fw, fw-int8, cascade (default: streaming, offline, fw)")
     b.add_argument("--limit", type=int, help="only the N shortest files per language (a quick look)")
     b.add_argument("--out-dir", type=Path, default=Path("bench-translate"), help="where translate.md and translate.json go")
     b = bench.add_parser("mqtt", help="final-transcript latency in-process vs over MQTT, and concurrent sites in real time")

@@ -342,3 +342,42 @@ def test_a_translated_final_that_fails_is_sampled_again(base, monkeypatch):
     spanish = finals["transcribe"].lower()
     assert finals["transcribe", "decodes"] == [0.0] and finals["transcribe", "pad"] == 10.0, finals
     assert "conexión" in spanish and "consola" in spanish, finals
+
+
+def test_bench_replay_every_step_runs_each_step_whatever_the_load():
+    """``bench translate --systems streaming-steps``: the replay charges no compute, so a
+    recogniser slower than real time still hypothesises on every block (the timed replay skips
+    the steps it is behind on, and with them its hypotheses follow the machine's load)."""
+    import time
+
+    from agent.bench_translate import replay
+
+    class SlowRecognizer:
+        def init_state(self):
+            return {"asked": []}
+
+        def push(self, state, chunk, pts, hypothesise=True):
+            state["asked"].append(hypothesise)
+            time.sleep(0.03)  # slower than the 20 ms blocks
+            return []
+
+        def finish(self, state):
+            self.state = state
+            return []
+
+    class NoVAD:
+        def init_state(self):
+            return None
+
+        def step(self, state, chunk, pts):
+            return []
+
+    audio = np.zeros(16000, np.float32)  # 50 blocks
+    asked = {}
+    for charge in (True, False):
+        rec = SlowRecognizer()
+        run = replay(rec, NoVAD(), audio, SimultaneousPolicy(), charge=charge)
+        asked[charge] = rec.state["asked"]
+        assert run.compute_s >= 50 * 0.03
+    assert len(asked[False]) == 50 and all(asked[False])
+    assert sum(asked[True]) < 40, asked[True]  # behind after the first block: most steps skipped
