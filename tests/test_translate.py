@@ -381,3 +381,15 @@ def test_bench_replay_every_step_runs_each_step_whatever_the_load():
         assert run.compute_s >= 50 * 0.03
     assert len(asked[False]) == 50 and all(asked[False])
     assert sum(asked[True]) < 40, asked[True]  # behind after the first block: most steps skipped
+
+
+def test_paired_bootstrap_tells_one_word_from_a_worse_system():
+    """bench translate's significance test: a word changed in one file more than the other
+    system is noise, a system wrong on every file is not."""
+    from agent.bench_translate import paired_p
+
+    refs = [f"to hear message {i} press {i}" for i in range(20)]
+    listen = lambda files: [r.replace("hear", "listen to") if i in files else r for i, r in enumerate(refs)]  # noqa: E731
+    worse = [f"mark number {i} for the message" for i in range(20)]
+    assert paired_p(refs, listen({0}), listen({1, 2})) > 0.1
+    assert paired_p(refs, refs, worse) < 0.01
