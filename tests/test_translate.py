@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 from dataclasses import replace
 
@@ -264,7 +265,6 @@ def test_a_menu_whose_final_loops_after_the_speech_is_said_once(base):
     the one sampled at temperature 1.0 did not loop but said the clause four times in fragments
     ("Number 7, or 9, for youVolumen Studio. Or number 8, for withinplay. Number 7, ..."). The cut
     text, far more likely, is kept: every number of the menu is said once."""
-    import re
 
     text = _translate(base, es("conf-usermenu"), "es", "en").text
     names = {"1": "one", "4": "four", "6": "six", "7": "seven", "9": "nine", "8": "eight"}
@@ -338,10 +338,13 @@ def test_a_translated_final_that_fails_is_sampled_again(base, monkeypatch):
     assert finals["translate", "decodes"] == ["beam 5", 0.2] and finals["translate", "pad"] == 30.0, finals
     text = finals["translate"].lower()
     assert "connection" in text and "server" in text, text  # the sampled final is still the translation
-    # the transcription stays Spanish (int8 on an AMX CPU hears "servidor" as "server door")
-    spanish = finals["transcribe"].lower()
+    # the transcription stays Spanish, whatever a word comes out as (int8 on an AMX CPU heard
+    # "servidor" as "server door", bf16 on an AMD EPYC "consola" as "cansola")
+    spanish = set(re.findall(r"\w+", finals["transcribe"].lower()))
     assert finals["transcribe", "decodes"] == [0.0] and finals["transcribe", "pad"] == 10.0, finals
-    assert "conexión" in spanish and "consola" in spanish, finals
+    assert len(spanish & {"siento", "posible", "conexión", "servidor", "demostración", "puede", "información",
+                          "problema", "consola"}) >= 5, finals
+    assert not spanish & {"sorry", "connection", "server", "the"}, finals
 
 
 def test_bench_replay_every_step_runs_each_step_whatever_the_load():
