@@ -60,6 +60,7 @@ SYSTEMS = {
     "cascade": "ours streaming ASR + Apertium",
 }
 DEFAULT_SYSTEMS = ("streaming", "offline", "fw")
+RESAMPLES = 1000  # paired bootstrap resamples for the p-value of ours-offline against faster-whisper
 
 
 @dataclass
@@ -319,7 +320,7 @@ def bench_language(source: str, target: str, rows: list[Row], bundle, fw_models:
     return out
 
 
-def paired_p(refs: list[str], base: list[str], other: list[str], resamples: int = 1000) -> float:
+def paired_p(refs: list[str], base: list[str], other: list[str], resamples: int = RESAMPLES) -> float:
     """The p-value of the BLEU difference between two systems on the same files, by paired
     bootstrap resampling of the files (Koehn 2004; sacrebleu's test, its fixed seed): on two dozen
     prompts a point of BLEU is often one word ("hear" for "listen"), and the test tells such a
@@ -378,7 +379,7 @@ def markdown(results: list[dict], meta: dict) -> str:
         if peers:
             lines.append(f"* {res['source']}->{res['target']}: offline {st['offline']['bleu']:.1f} vs faster-whisper "
                          + ", ".join(peers) + f" (beam {meta['beam']}; target: ours >= faster-whisper; p: paired "
-                         "bootstrap of the BLEU difference over the files, sacrebleu, 1000 resamples)")
+                         f"bootstrap of the BLEU difference over the files, sacrebleu, {RESAMPLES} resamples)")
     return "\n".join(lines) + "\n"
 
 

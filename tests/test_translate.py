@@ -265,7 +265,6 @@ def test_a_menu_whose_final_loops_after_the_speech_is_said_once(base):
     the one sampled at temperature 1.0 did not loop but said the clause four times in fragments
     ("Number 7, or 9, for youVolumen Studio. Or number 8, for withinplay. Number 7, ..."). The cut
     text, far more likely, is kept: every number of the menu is said once."""
-
     text = _translate(base, es("conf-usermenu"), "es", "en").text
     names = {"1": "one", "4": "four", "6": "six", "7": "seven", "9": "nine", "8": "eight"}
 
