@@ -60,7 +60,8 @@ SYSTEMS = {
     "cascade": "ours streaming ASR + Apertium",
 }
 DEFAULT_SYSTEMS = ("streaming", "offline", "fw")
-RESAMPLES = 1000  # paired bootstrap resamples for the p-value of ours-offline against faster-whisper
+RESAMPLES = 1000  # paired bootstrap resamples (the p-value against faster-whisper, the streaming ratio's interval)
+INTERVAL = 0.9  # coverage of the streaming/offline BLEU ratio's bootstrap interval
 
 
 @dataclass
@@ -312,6 +313,9 @@ def bench_language(source: str, target: str, rows: list[Row], bundle, fw_models:
                 progress and progress()
         out["systems"][name] = score(runs, refs)
         samples[name] = [r.text for r in runs]
+    for name in ("streaming", "streaming-steps"):
+        if name in samples and "offline" in samples:
+            out["systems"][name]["ratio_interval"] = ratio_interval(refs, samples["offline"], samples[name])
     for peer in ("fw", "fw-int8"):
         if peer in samples and "offline" in samples:
             out["systems"]["offline"][f"p_vs_{peer}"] = paired_p(refs, samples[peer], samples["offline"])
@@ -333,6 +337,30 @@ def paired_p(refs: list[str], base: list[str], other: list[str], resamples: int 
                       test_type="bs", n_samples=resamples)
     _, scores = test()
     return float(scores["BLEU"][1].p_value)
+
+
+def ratio_interval(refs: list[str], base: list[str], other: list[str], resamples: int = RESAMPLES,
+                   coverage: float = INTERVAL, seed: int = 12345) -> list[float] | None:
+    """The bootstrap percentile interval of BLEU(other) / BLEU(base) over the files, both systems
+    scored on the same resample (paired). With two dozen prompts the streaming/offline ratio moves
+    by several points with one file's word choices; the interval says how far from 0.9 a
+    measured ratio really is. None where the base scores 0 on most resamples."""
+    from sacrebleu.metrics import BLEU
+
+    bleu = BLEU()
+    refs, base, other = ([normalize(t) for t in texts] for texts in (refs, base, other))
+    rng = np.random.default_rng(seed)
+    ratios = []
+    for _ in range(resamples):
+        idx = rng.integers(0, len(refs), len(refs))
+        pick = lambda texts: [texts[i] for i in idx]  # noqa: E731
+        b = bleu.corpus_score(pick(base), [pick(refs)]).score
+        if b > 0:
+            ratios.append(bleu.corpus_score(pick(other), [pick(refs)]).score / b)
+    if len(ratios) < resamples / 2:
+        return None
+    tail = (1 - coverage) / 2 * 100
+    return [float(x) for x in np.percentile(ratios, [tail, 100 - tail])]
 
 
 def _fmt(x, nd=2):
@@ -358,7 +386,9 @@ def markdown(results: list[dict], meta: dict) -> str:
         for name in ("streaming", "streaming-steps"):
             if name not in st:
                 continue
-            ratios = [f"{st[name]['bleu'] / st[o]['bleu']:.2f} against offline {how}"
+            ci = st[name].get("ratio_interval")
+            ci = f" ({INTERVAL:.0%} bootstrap interval over the files {ci[0]:.2f}-{ci[1]:.2f})" if ci else ""
+            ratios = [f"{st[name]['bleu'] / st[o]['bleu']:.2f} against offline {how}" + (ci if o == "offline" else "")
                       for o, how in (("offline", f"beam {meta['beam']}"), ("offline-greedy", "greedy"))
                       if o in st and st[o]["bleu"]]
             if not ratios:

@@ -395,3 +395,18 @@ def test_paired_bootstrap_tells_one_word_from_a_worse_system():
     worse = [f"mark number {i} for the message" for i in range(20)]
     assert paired_p(refs, listen({0}), listen({1, 2})) > 0.1
     assert paired_p(refs, refs, worse) < 0.01
+
+
+def test_the_streaming_ratio_interval_covers_the_ratio_and_narrows_with_agreeing_files():
+    """bench translate's interval of the streaming/offline BLEU ratio: a system equal to offline
+    gives exactly 1; one that loses a word in every file lies below 1 on every resample; one that
+    loses words in a single file gives an interval that reaches up to 1 (the other files agree)."""
+    from agent.bench_translate import ratio_interval
+
+    refs = [f"to hear message {i} press {i} now" for i in range(20)]
+    drop = lambda files: [r.replace("to hear ", "") if i in files else r for i, r in enumerate(refs)]  # noqa: E731
+    assert ratio_interval(refs, refs, refs) == [1.0, 1.0]
+    lo, hi = ratio_interval(refs, refs, drop(set(range(20))))
+    assert lo <= hi < 1.0
+    lo, hi = ratio_interval(refs, refs, drop({3}))
+    assert lo < 0.97 and hi == 1.0
