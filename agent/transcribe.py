@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from streaming.asr.decoder import Decoded, beam_decode, build_prompt, decode, length_floor, rules_filter, with_fallback
@@ -137,14 +138,15 @@ def _duration(path: str | Path) -> float:
 
 @torch.inference_mode()
 def transcribe_offline(path: str | Path, bundle: WhisperBundle, asr: ASRConfig,
-                       vad: TwoStageVAD | None = None) -> Transcript:
+                       vad: TwoStageVAD | None = None, audio: np.ndarray | None = None) -> Transcript:
     """Plain whole-file decoding for comparison: windows of up to 30 s that end in a pause
     (``offline_windows``), padded to 30 s as Whisper was trained, each decoded by beam search
     (``asr.offline_beam_size``; 1: greedily), with Whisper's temperature fallback where that
     fails, and the previous window's text as context. Windows in which ``vad`` (the default
-    two-stage detector) hears no speech are not decoded."""
+    two-stage detector) hears no speech are not decoded. ``audio``: the file's samples, read
+    already (16 kHz mono; the benchmarks' altered copies)."""
     t0 = time.perf_counter()
-    audio = read_audio(path)
+    audio = read_audio(path) if audio is None else audio
     speech = (vad or TwoStageVAD()).segments(audio)
     # where a window must end before the file does, it ends in a pause of a word's length or more
     # (the segments above bridge 400 ms: the pauses of a 40-85 s prompt are 0.13-0.5 s)

@@ -17,6 +17,7 @@ from fixtures import asterisk, fixture, ASTERISK
 from orchestration.interpreter import REPLY_BASE, Interpreter, TranslatedText, asr_task
 from orchestration.simultaneous import SimultaneousConfig, SimultaneousPolicy
 from orchestration.translate import Apertium, TranslateConfig, TranslatorSet, UnsupportedPair
+from streaming.errors import DuplexError
 from streaming.frames import ErrorFrame, FinalText, PartialText, Word
 from streaming.testing import run_frames
 
@@ -411,3 +412,30 @@ def test_the_streaming_ratio_interval_covers_the_ratio_and_narrows_with_agreeing
     assert lo <= hi < 1.0
     lo, hi = ratio_interval(refs, refs, drop({3}))
     assert lo < 0.97 and hi == 1.0
+
+
+def test_a_files_runs_at_each_lead_are_resampled_together():
+    """bench translate --lead-ms: every file runs once per lead, and the bootstrap resamples files,
+    a file's runs together. Two identical runs per file are then the same corpus twice over, so the
+    interval is exactly the one-run interval; drawn run by run it would be narrower."""
+    from agent.bench_translate import by_file, ratio_interval
+
+    refs = [f"to hear message {i} press {i} now" for i in range(20)]
+    other = [r.replace("to hear ", "") if i in (3, 7, 11) else r for i, r in enumerate(refs)]
+    twice = lambda texts: [t for t in texts for _ in range(2)]  # noqa: E731
+    once = ratio_interval(refs, refs, other)
+    assert once[0] < once[1]
+    assert ratio_interval(twice(refs), twice(refs), twice(other), runs=2) == once
+    assert ratio_interval(twice(refs), twice(refs), twice(other), runs=1) != once
+    assert by_file(["a b", "c", "d", "e f"], 2) == ["a b c", "d e f"]
+
+
+def test_lead_runs_are_timed_on_the_files_own_clock_and_bad_leads_are_one_line():
+    from agent.bench_translate import Run, parse_leads, unlead
+
+    r = unlead(Run("hello there", [(1.5, 1.2), (2.0, 1.4)], 0.3, 3.1), 0.1)
+    assert [x for w in r.word_times for x in w] == pytest.approx([1.4, 1.1, 1.9, 1.3]) and r.audio_s == pytest.approx(3.0)
+    assert parse_leads(None) == (0.0,) and parse_leads("0, 20,60") == (0.0, 20.0, 60.0)
+    for bad in ("0,x", "0,0", "-5", ","):
+        with pytest.raises(DuplexError, match="--lead-ms"):
+            parse_leads(bad)
