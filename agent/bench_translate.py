@@ -412,8 +412,8 @@ def ratio_interval(refs: list[str], base: list[str], other: list[str], resamples
 
 
 def _leads_note(meta: dict) -> str:
-    leads = meta.get("lead_ms") or [0]
-    if len(leads) < 2 and not leads[0]:
+    leads = meta["lead_ms"]
+    if leads == [0]:
         return ""
     return (" Each file ran once per lead of silence (" + ", ".join(f"{x:g}" for x in leads) + " ms), all runs scored as one "
             "corpus; bootstrap over the files, a file's runs together.")
