@@ -36,6 +36,11 @@ resamples files, all of a file's runs together). A lead of tens of ms is nothing
 but it moves Whisper's near ties ("press" or "click"): offline beam search's BLEU spanned 1.3 (es) and
 1.0 (fr) points over leads of 0-100 ms. Scoring over several leads measures a system, not one draw of its
 near ties. Latencies are taken from the end of the lead.
+
+``--monologue`` joins each language's files into one long utterance (``monologue``): a speaker who
+does not pause for minutes, which VAD cannot segment. Streaming then depends on the recogniser's
+window cuts (``asr.clause_max_window_s``), offline on its 30 s windows with the previous one's text
+as context. The report adds how many utterances VAD heard and the longest wait between emissions.
 """
 
 from __future__ import annotations
@@ -69,6 +74,8 @@ SYSTEMS = {
 }
 DEFAULT_SYSTEMS = ("streaming", "offline", "fw")
 RESAMPLES = 1000  # paired bootstrap resamples (the p-value against faster-whisper, the streaming ratio's interval)
+#: the silence between pieces of ``--monologue`` speech, s (VAD ends an utterance at 0.4 s)
+MONOLOGUE_GAP_S = 0.15
 INTERVAL = 0.9  # coverage of the streaming/offline BLEU ratio's bootstrap interval
 
 
@@ -128,6 +135,8 @@ class Run:
     word_times: list[tuple[float, float]]
     compute_s: float
     audio_s: float
+    #: utterances VAD heard (streaming runs; a monologue is meant to be one)
+    utterances: int | None = None
 
 
 def replay(recognizer: StreamingRecognizer, vad: TwoStageVAD, audio: np.ndarray, policy: SimultaneousPolicy,
@@ -141,6 +150,7 @@ def replay(recognizer: StreamingRecognizer, vad: TwoStageVAD, audio: np.ndarray,
     compute = 0.0
     words: list[tuple[float, float]] = []
     texts: list[str] = []
+    utterances = 0
 
     def run(fn, *args, **kw):
         nonlocal compute
@@ -180,6 +190,7 @@ def replay(recognizer: StreamingRecognizer, vad: TwoStageVAD, audio: np.ndarray,
         now += dt
         for e in events:
             if isinstance(e, SpeechStarted):
+                utterances += 1
                 recognizer.start(rs, e.pts)
             elif isinstance(e, SpeechEnding):
                 now += run(recognizer.ending, rs, e)[1]
@@ -195,7 +206,7 @@ def replay(recognizer: StreamingRecognizer, vad: TwoStageVAD, audio: np.ndarray,
     now = max(end, busy)
     out, dt = run(recognizer.finish, rs)
     take(out, now + dt, end)
-    return Run(" ".join(texts), words, compute, end)
+    return Run(" ".join(texts), words, compute, end, utterances)
 
 
 def faster_whisper(ct2_dir: Path, compute_type: str = "float32"):
@@ -256,6 +267,9 @@ def score(runs: list[Run], refs: list[str]) -> dict:
     al_ca = [average_lagging([w[0] for w in r.word_times], r.audio_s, len(ref.split())) for r, ref in zip(runs, nrefs)]
     al = [average_lagging([w[1] for w in r.word_times], r.audio_s, len(ref.split())) for r, ref in zip(runs, nrefs)]
     eo = [r.word_times[-1][0] - r.audio_s for r in runs if r.word_times]
+    # how long a listener waits for the next words: the longest time between two emissions
+    # (the first from the start of the audio)
+    waits = [float(np.max(np.diff([0.0, *sorted({t for t, _ in r.word_times})]))) for r in runs if r.word_times]
     audio = sum(r.audio_s for r in runs)
 
     def stats(v):
@@ -265,9 +279,10 @@ def score(runs: list[Run], refs: list[str]) -> dict:
     return {
         "bleu": sacrebleu.corpus_bleu(hyps, [nrefs]).score,
         "chrf": sacrebleu.corpus_chrf(hyps, [nrefs]).score,
-        "al_ca_s": stats(al_ca), "al_s": stats(al), "ending_offset_s": stats(eo),
+        "al_ca_s": stats(al_ca), "al_s": stats(al), "ending_offset_s": stats(eo), "longest_wait_s": stats(waits),
         "rtf": sum(r.compute_s for r in runs) / audio if audio else None,
         "files": len(runs), "audio_s": audio, "empty": sum(1 for h in hyps if not h),
+        **({"utterances": sum(r.utterances for r in runs)} if runs and runs[0].utterances is not None else {}),
     }
 
 
@@ -301,7 +316,26 @@ def unlead(run: Run, lead: float) -> Run:
     """A run on a file delayed by ``lead`` s of silence, on the file's own clock."""
     if not lead:
         return run
-    return Run(run.text, [(t - lead, a - lead) for t, a in run.word_times], run.compute_s, run.audio_s - lead)
+    return Run(run.text, [(t - lead, a - lead) for t, a in run.word_times], run.compute_s, run.audio_s - lead,
+               run.utterances)
+
+
+def monologue(rows: list[Row], source: str, gap_s: float = MONOLOGUE_GAP_S) -> tuple[Row, np.ndarray]:
+    """The prompts as one speaker who never pauses: each prompt's speech (as VAD marks it, its
+    own pauses included) joined by ``gap_s`` of silence, shorter than VAD's ``min_silence_ms``,
+    so the stream holds one utterance of minutes (the recogniser cuts its window every
+    ``asr.clause_max_window_s``). Its reference is the prompts' references joined."""
+    vad = TwoStageVAD(VADConfig(min_silence_ms=gap_s * 1000, speech_pad_ms=0.0))
+    gap = np.zeros(int(gap_s * 16000), np.float32)
+    pieces = []
+    for r in rows:
+        a = read_audio(r.path)
+        for lo, hi in vad.segments(a):
+            pieces += [a[int(lo * 16000) : int(hi * 16000)], gap]
+    audio = np.concatenate(pieces[:-1]) if pieces else np.zeros(0, np.float32)
+    row = Row(Path(f"{source}-monologue.wav"), len(audio) / 16000, "monologue",
+              " ".join(r.source_text for r in rows), " ".join(r.reference for r in rows))
+    return row, audio
 
 
 def by_file(texts: list[str], n: int) -> list[str]:
@@ -311,17 +345,21 @@ def by_file(texts: list[str], n: int) -> list[str]:
 
 def bench_language(source: str, target: str, rows: list[Row], bundle, fw_models: dict, asr: ASRConfig, vad_cfg: VADConfig,
                    policy_cfg: SimultaneousConfig, systems: list[str], progress=None,
-                   leads_ms: tuple[float, ...] = (0.0,)) -> dict:
+                   leads_ms: tuple[float, ...] = (0.0,), joined: bool = False) -> dict:
     leads = [ms / 1000 for ms in leads_ms]
     n = len(leads)
+    if joined:  # --monologue: the files as one long utterance
+        row, speech = monologue(rows, source)
+        rows, originals = [row], [speech]
+    else:
+        originals = [read_audio(r.path) for r in rows]
     # every file once per lead, a file's runs consecutive: (file 0, lead 0), (file 0, lead 1), ...
     runs_of = [(r, lead) for r in rows for lead in leads]
-    originals = [read_audio(r.path) for r in rows]
     audio = [np.concatenate([np.zeros(int(round(lead * 16000)), np.float32), a]) if lead else a
              for a in originals for lead in leads]
     refs = [r.reference for r, _ in runs_of]
     out: dict = {"source": source, "target": target, "systems": {}, "files": [r.prompt for r in rows],
-                 "lead_ms": list(leads_ms)}
+                 "lead_ms": list(leads_ms), "audio_s": sum(len(a) for a in originals) / 16000}
     samples: dict[str, list[str]] = {}
     tasks = {"streaming": replace(asr, task="translate", language=source),
              "cascade": replace(asr, task="transcribe", language=source)}
@@ -356,11 +394,12 @@ def bench_language(source: str, target: str, rows: list[Row], bundle, fw_models:
         samples[name] = [r.text for r in runs]
         if n > 1:  # each lead's corpus alone: how far one draw of the near ties moves the score
             out["systems"][name]["bleu_by_lead"] = [score(runs[j::n], refs[j::n])["bleu"] for j in range(n)]
+    # (one monologue is one sample: nothing to resample)
     for name in ("streaming", "streaming-steps"):
-        if name in samples and "offline" in samples:
+        if name in samples and "offline" in samples and len(rows) > 1:
             out["systems"][name]["ratio_interval"] = ratio_interval(refs, samples["offline"], samples[name], runs=n)
     for peer in ("fw", "fw-int8"):
-        if peer in samples and "offline" in samples:
+        if peer in samples and "offline" in samples and len(rows) > 1:
             # (sacrebleu resamples sentences: with several leads a file's runs go in as one text)
             out["systems"]["offline"][f"p_vs_{peer}"] = paired_p(by_file(refs, n), by_file(samples[peer], n),
                                                                  by_file(samples["offline"], n))
@@ -463,11 +502,19 @@ def markdown(results: list[dict], meta: dict) -> str:
                 label, tail = "streaming every step", "(quality alone, no compute charged)"
             lines.append(f"* {res['source']}->{res['target']}: {label}/offline BLEU = {'; '.join(ratios)} {tail}")
     for res in results:
+        if res["files"] != ["monologue"]:
+            continue
+        heard = [f"{SYSTEMS[k]}: VAD heard {v['utterances']} utterance(s), the longest wait between emissions "
+                 f"{_fmt(v['longest_wait_s']['p50'] if v['longest_wait_s'] else None)} s"
+                 for k, v in res["systems"].items() if "utterances" in v]
+        lines.append(f"* {res['source']}->{res['target']} as one monologue of {res['audio_s']:.0f} s (the prompts' speech "
+                     f"joined by {MONOLOGUE_GAP_S * 1000:.0f} ms gaps)" + ("; " + "; ".join(heard) if heard else ""))
+    for res in results:
         st = res["systems"]
         if "offline" not in st:
             continue
-        peers = [f"{kind} {st[f]['bleu']:.1f} (p = {st['offline'][f'p_vs_{f}']:.2f})"
-                 for f, kind in (("fw", "fp32"), ("fw-int8", "int8")) if f in st]
+        p_of = lambda f: f" (p = {st['offline'][f'p_vs_{f}']:.2f})" if f"p_vs_{f}" in st["offline"] else ""  # noqa: E731
+        peers = [f"{kind} {st[f]['bleu']:.1f}{p_of(f)}" for f, kind in (("fw", "fp32"), ("fw-int8", "int8")) if f in st]
         if peers:
             lines.append(f"* {res['source']}->{res['target']}: offline {st['offline']['bleu']:.1f} vs faster-whisper "
                          + ", ".join(peers) + f" (beam {meta['beam']}; target: ours >= faster-whisper; p: paired "
@@ -495,13 +542,14 @@ def run_bench_translate(args, cfg) -> int:
                  for name, kind in (("fw", "float32"), ("fw-int8", "int8")) if name in systems}
     results = []
     leads = parse_leads(args.lead_ms)
-    total = sum(len(r) for r in data.values()) * len(systems) * len(leads)
+    total = (len(data) if args.monologue else sum(len(r) for r in data.values())) * len(systems) * len(leads)
     with tqdm(total=total, desc="bench translate", file=sys.stderr, leave=False) as bar:
         for s, rows in data.items():
             results.append(bench_language(s, args.target, rows, bundle, fw_models, cfg.asr, cfg.vad,
-                                          cfg.translate.policy_config(), systems, bar.update, leads))
+                                          cfg.translate.policy_config(), systems, bar.update, leads, args.monologue))
     meta = {"model": args.model, "precision": cfg.models.asr_precision, "policy": cfg.translate.policy,
-            "limit": args.limit, "systems": systems, "beam": cfg.asr.offline_beam_size, "lead_ms": list(leads)}
+            "limit": args.limit, "systems": systems, "beam": cfg.asr.offline_beam_size, "lead_ms": list(leads),
+            "monologue": args.monologue}
     report = markdown(results, meta)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "translate.md").write_text(report)

@@ -172,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--limit", type=int, help="only the N shortest files per language (a quick look)")
     b.add_argument("--lead-ms", metavar="MS,MS", help="run each file once per lead of this much silence before it, "
                    "all runs scored together (e.g. 0,20,60,100: Whisper's near ties move with the lead; default 0)")
+    b.add_argument("--monologue", action="store_true", help="each language's files as one long utterance (their speech "
+                   "joined by 150 ms gaps): a speaker who does not pause for minutes, scored against the joined references")
     b.add_argument("--out-dir", type=Path, default=Path("bench-translate"), help="where translate.md and translate.json go")
     b = bench.add_parser("mqtt", help="final-transcript latency in-process vs over MQTT, and concurrent sites in real time")
     _common(b)
