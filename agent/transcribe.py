@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from streaming.asr.decoder import Decoded, beam_decode, build_prompt, decode, length_floor, rules_filter, with_fallback
+from streaming.asr.decoder import (COMPRESSION_LIMIT, Decoded, beam_decode, build_prompt, compression_ratio, decode, length_floor,
+                                   rules_filter, with_fallback)
 from streaming.asr.hotwords import HotwordBoost, parse_hotwords, prompt_text
 from streaming.asr.recognizer import ASRConfig, StreamingRecognizer, detect_language
 from streaming.asr.stage import ASRStage
@@ -176,6 +177,16 @@ def transcribe_offline(path: str | Path, bundle: WhisperBundle, asr: ASRConfig,
         # (Speech, not the window: a floor on silence would make the model invent words.)
         at_least = length_floor(tok.eot, asr.min_tokens_per_second, voiced)
         d = decode_with_fallback(bundle.model, tok, feats, prompt, filters + at_least, beam_size=asr.offline_beam_size)
+        if carried and compression_ratio(d.text) > COMPRESSION_LIMIT:
+            # text that repeats itself where the window's audio may not: the previous window's text
+            # as context can lead Whisper to copy its pattern ("Press 1 to ..." of a menu became
+            # "Press Unit 10 to send messages back. Press Unit 11 ..." over a 29 s window of other
+            # prompts, whose last sentence it lost). Decoded without the context, the window says
+            # what it says; where that repeats too, the audio does (an IVR menu), and the first stands.
+            bare = build_prompt(tok, hot_prompt, sot)
+            alone = decode_with_fallback(bundle.model, tok, feats, bare, filters + at_least, beam_size=asr.offline_beam_size)
+            if compression_ratio(alone.text) <= COMPRESSION_LIMIT:
+                d, prompt = alone, bare
         real = len(chunk) // 320 + 1
         words += word_timings(bundle.model, tok, feats, prompt, d.tokens, d.logprobs, bundle.alignment_heads, start / 16000, real)
         texts.append(tok.decode(d.tokens).strip())

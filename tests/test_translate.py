@@ -439,3 +439,56 @@ def test_lead_runs_are_timed_on_the_files_own_clock_and_bad_leads_are_one_line()
     for bad in ("0,x", "0,0", "-5", ","):
         with pytest.raises(DuplexError, match="--lead-ms"):
             parse_leads(bad)
+
+
+MONOLOGUE = ("followme/options", "vm-opts-full", "dictate/play_help", "demo-nogo")  # 6, 13, 14 and 15 s
+
+
+def test_a_speaker_who_never_pauses_is_translated_whole_offline(base):
+    """Four Spanish prompts, their speech joined by 150 ms gaps (``bench translate --monologue``):
+    47 s without a pause, decoded offline in two windows. The second must not copy the first
+    one's menu pattern: with the previous window's text as context, bf16 Whisper said "Press Unit
+    10 to send messages back. Press Unit 11 ..." for 29 s of other prompts and lost the last
+    sentence ("... en la consola de Asterisk")."""
+    from agent.bench_translate import Row, monologue
+    from agent.config import load_config
+    from agent.transcribe import transcribe_offline
+    from streaming.asr.decoder import COMPRESSION_LIMIT, compression_ratio
+
+    row, audio = monologue([Row(es(n), 0.0, n, "", "") for n in MONOLOGUE], "es")
+    assert 40 < len(audio) / 16000 < 50
+    asr = replace(load_config(use_user_default=False).asr, task="translate", language="es")
+    offline = transcribe_offline(row.path, base, asr, audio=audio).text
+    assert "console" in offline.lower() and compression_ratio(offline) <= COMPRESSION_LIMIT, offline
+
+
+def test_a_window_that_repeats_itself_only_with_context_is_decoded_without_it(base, monkeypatch):
+    """Offline decoding: where a window's text compresses beyond Whisper's 2.4 and the window was
+    decoded with the previous one's text as context, it is decoded again without the context; the
+    bare text stands unless it repeats itself too (an IVR menu does: the audio repeats). Whisper's
+    decoder is faked here, the windows and the encoder are real."""
+    import agent.transcribe as T
+    from agent.bench_translate import Row, monologue
+    from streaming.asr.decoder import Decoded, compression_ratio
+    from streaming.asr.recognizer import ASRConfig
+
+    _, audio = monologue([Row(es(n), 0.0, n, "", "") for n in MONOLOGUE], "es")
+    tok = base.tokenizer
+    loop = "Press 10 to send messages back. Press 11 to send messages back. " * 4
+    plain = "I am afraid I was unable to create a connection."
+    assert compression_ratio(loop) > 2.4 > compression_ratio(plain)
+    for bare_text, expected in ((plain, ["first window.", plain]), (loop, ["first window.", loop.strip()])):
+        calls = []
+
+        def fake(model, tok_, feats, prompt, filters, max_tokens=224, beam_size=1):
+            context = prompt[0] == tok.sot_prev
+            calls.append(context)
+            text = "first window." if not calls[:-1] else (loop if context else bare_text)
+            return Decoded(tok.encode(" " + text), [-0.1] * 3, prompt, text=text)
+
+        monkeypatch.setattr(T, "decode_with_fallback", fake)
+        monkeypatch.setattr(T, "word_timings", lambda *a, **k: [])
+        tr = T.transcribe_offline("monologue.wav", base, ASRConfig(task="translate", language="es"), audio=audio)
+        # window 1 (no context yet), window 2 with its context, window 2 again without
+        assert calls == [False, True, False], calls
+        assert tr.text == " ".join(expected), tr.text

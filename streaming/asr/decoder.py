@@ -27,6 +27,8 @@ FALLBACK_TEMPERATURES = (0.2, 0.4, 0.6, 0.8, 1.0)
 #: below this: the model is guessing. (Whisper also rejects text that gzip compresses more than 2.4x;
 #: an IVR menu is that repetitive, and the fallback then lost it->en 27.3 -> 24.8 BLEU)
 LOGPROB_LIMIT = -1.0
+#: Whisper's limit on a decode's ``compression_ratio``: above it the text repeats itself
+COMPRESSION_LIMIT = 2.4
 #: where no decode passed, a whole one is kept over one the loop guard cut unless the cut one is
 #: more likely than this (log-probability per token; see ``best_of``)
 CUT_MARGIN = 0.5
@@ -340,6 +342,14 @@ def beam_decode(
 
 def avg_logprob(d: Decoded) -> float:
     return sum(d.logprobs) / (len(d.logprobs) + 1)  # + 1: the end of text, as Whisper counts
+
+
+def compression_ratio(text: str) -> float:
+    """Whisper's measure of repetitive text: its UTF-8 length over its zlib-compressed length."""
+    import zlib
+
+    data = text.encode("utf-8")
+    return len(data) / len(zlib.compress(data)) if data else 0.0
 
 
 def failed(d: Decoded) -> bool:
