@@ -516,9 +516,10 @@ def markdown(results: list[dict], meta: dict) -> str:
         p_of = lambda f: f" (p = {st['offline'][f'p_vs_{f}']:.2f})" if f"p_vs_{f}" in st["offline"] else ""  # noqa: E731
         peers = [f"{kind} {st[f]['bleu']:.1f}{p_of(f)}" for f, kind in (("fw", "fp32"), ("fw-int8", "int8")) if f in st]
         if peers:
+            test = (f"; p: paired bootstrap of the BLEU difference over the files, sacrebleu, {RESAMPLES} resamples"
+                    if any(k.startswith("p_vs_") for k in st["offline"]) else "")
             lines.append(f"* {res['source']}->{res['target']}: offline {st['offline']['bleu']:.1f} vs faster-whisper "
-                         + ", ".join(peers) + f" (beam {meta['beam']}; target: ours >= faster-whisper; p: paired "
-                         f"bootstrap of the BLEU difference over the files, sacrebleu, {RESAMPLES} resamples)")
+                         + ", ".join(peers) + f" (beam {meta['beam']}; target: ours >= faster-whisper{test})")
     return "\n".join(lines) + "\n"
 
 
