@@ -502,8 +502,8 @@ def markdown(results: list[dict], meta: dict) -> str:
                 label, tail = "streaming every step", "(quality alone, no compute charged)"
             lines.append(f"* {res['source']}->{res['target']}: {label}/offline BLEU = {'; '.join(ratios)} {tail}")
     for res in results:
-        if res["files"] != ["monologue"]:
-            continue
+        if not meta.get("monologue"):
+            break
         heard = [f"{SYSTEMS[k]}: VAD heard {v['utterances']} utterance(s), the longest wait between emissions "
                  f"{_fmt(v['longest_wait_s']['p50'] if v['longest_wait_s'] else None)} s"
                  for k, v in res["systems"].items() if "utterances" in v]
@@ -513,11 +513,12 @@ def markdown(results: list[dict], meta: dict) -> str:
         st = res["systems"]
         if "offline" not in st:
             continue
-        p_of = lambda f: f" (p = {st['offline'][f'p_vs_{f}']:.2f})" if f"p_vs_{f}" in st["offline"] else ""  # noqa: E731
-        peers = [f"{kind} {st[f]['bleu']:.1f}{p_of(f)}" for f, kind in (("fw", "fp32"), ("fw-int8", "int8")) if f in st]
+        p = {f: st["offline"].get(f"p_vs_{f}") for f in ("fw", "fw-int8")}
+        peers = [f"{kind} {st[f]['bleu']:.1f}" + (f" (p = {p[f]:.2f})" if p[f] is not None else "")
+                 for f, kind in (("fw", "fp32"), ("fw-int8", "int8")) if f in st]
         if peers:
             test = (f"; p: paired bootstrap of the BLEU difference over the files, sacrebleu, {RESAMPLES} resamples"
-                    if any(k.startswith("p_vs_") for k in st["offline"]) else "")
+                    if any(v is not None for v in p.values()) else "")
             lines.append(f"* {res['source']}->{res['target']}: offline {st['offline']['bleu']:.1f} vs faster-whisper "
                          + ", ".join(peers) + f" (beam {meta['beam']}; target: ours >= faster-whisper{test})")
     return "\n".join(lines) + "\n"

@@ -8,6 +8,8 @@ encoder pass (``Decoder.cross_cache``).
 
 from __future__ import annotations
 
+import zlib
+
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -346,8 +348,6 @@ def avg_logprob(d: Decoded) -> float:
 
 def compression_ratio(text: str) -> float:
     """Whisper's measure of repetitive text: its UTF-8 length over its zlib-compressed length."""
-    import zlib
-
     data = text.encode("utf-8")
     return len(data) / len(zlib.compress(data)) if data else 0.0
 
