@@ -36,6 +36,8 @@ from streaming.frames import FinalText, PartialText
 
 CLAUSE_END = (",", ";", ":", ".", "?", "!", "¿", "¡", "。", "、", "，")
 SENTENCE_END = (".", "?", "!", "。")
+#: the most words a long utterance's next window may repeat from the end of the one before it
+OVERLAP_WORDS = 10
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,9 @@ class PolicyState:
     #: segments emitted for the current utterance segment (for superseding)
     shown: list[Segment] = field(default_factory=list)
     next_index: int = 0
+    #: after a continued final (the recogniser cut a long utterance's window): its last words, which
+    #: the next window may say again where it starts before their audio ends (None: not after a cut)
+    before_cut: list[str] | None = None
 
 
 def ends_clause(word: str) -> bool:
@@ -148,7 +153,8 @@ class SimultaneousPolicy:
             self._new_utterance(state, f.utterance)
         words = f.text.split()
         out: list[Segment] = []
-        done = _covered(state.stable[: state.emitted], words)
+        skipped = self._skip_overlap(state, words) if not state.emitted else 0
+        done = skipped or _covered(state.stable[: state.emitted], words)
         rest = words[done:]
         end = f.words[-1].end if f.words else f.pts
         if rest:
@@ -160,6 +166,8 @@ class SimultaneousPolicy:
         # a continued final cuts a long utterance: the recogniser's stable words restart with the
         # next window, so the count restarts too (same utterance number)
         self._new_utterance(state, f.utterance)
+        if f.continued:
+            state.before_cut = words[-OVERLAP_WORDS:]
         return out
 
     # -- internals --------------------------------------------------------------------------
@@ -168,6 +176,23 @@ class SimultaneousPolicy:
         state.utterance = utterance
         state.stable, state.emitted, state.shown = [], 0, []
         state.seen_at, state.seen_words = [], []
+        state.before_cut = None
+
+    def _skip_overlap(self, state: PolicyState, words: list[str]) -> int:
+        """The first words of a window after a cut that repeat the last ones before it, two words
+        or more, count as emitted. The recogniser's next window starts a little before the end of
+        the last committed word (its alignment may end a word early), and a translation, whose
+        word times are rough, may say that audio's words again: "..., or the volume of your eye,"
+        | "or the volume of your eye to go out." Decided once, with the window's first words."""
+        if state.before_cut is None or state.emitted:
+            return 0
+        tail = [_norm(w) for w in state.before_cut]
+        head = [_norm(w) for w in words]
+        state.before_cut = None
+        for k in range(min(len(tail), len(head)), 1, -1):
+            if head[:k] == tail[-k:]:
+                return k
+        return 0
 
     def _note_seen(self, state: PolicyState, hyp: list[str], pts: float) -> None:
         for i, w in enumerate(hyp):
@@ -201,6 +226,11 @@ class SimultaneousPolicy:
         cut = self._cut(state)
         if cut <= state.emitted:
             return []
+        if state.before_cut is not None:
+            state.emitted = self._skip_overlap(state, state.stable)
+            cut = self._cut(state)
+            if cut <= state.emitted:
+                return []
         words = state.stable[state.emitted : cut]
         i = cut - 1
         end = state.seen_at[i] if i < len(state.seen_at) else (state.seen_at[-1] if state.seen_at else 0.0)

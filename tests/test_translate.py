@@ -110,6 +110,28 @@ def test_utterances_and_continued_segments_restart_the_count():
     assert got == [["a b"], ["c"], ["d e"], [], ["x y"], ["z."]]
 
 
+def test_a_window_after_a_cut_does_not_say_again_the_words_before_the_cut():
+    """A long utterance's next window starts a little before the last committed word's end, and
+    a translation may say that audio's words again: the repeat (two words or more, the window's
+    first words against the last before the cut) counts as said, from partials or from a final."""
+    policy = SimultaneousPolicy(SimultaneousConfig(policy="clause", min_words=3))
+    before = "Number 7 or 9 for the decrease, or the volume of your eye,"
+    got = replay(policy, [P(before, " or"), F(before, continued=True),
+                          P("", " or the volume"),
+                          P("or the volume of your eye to go out.", " Please"),
+                          P("or the volume of your eye to go out. Please, press one,", " to"),
+                          F("or the volume of your eye to go out. Please, press one, to activate.")])
+    assert got == [[before], [], [], ["to go out."],
+                   ["Please, press one,"], ["to activate."]]
+    # nothing committed in the new window: its final alone
+    got = replay(policy, [F(before, continued=True), F("your eye, to go out.")])
+    assert got == [[before], ["to go out."]]
+    # one word is not a repeat, nor are words that follow a new utterance rather than a cut
+    assert replay(policy, [F(before, continued=True), F("eye drops are sold here.")])[1] == ["eye drops are sold here."]
+    assert replay(policy, [F(before), F("or the volume of your eye, again.", utt=2)])[1] == [
+        "or the volume of your eye, again."]
+
+
 def test_source_end_is_when_the_last_word_was_first_heard():
     policy = SimultaneousPolicy(SimultaneousConfig(policy="wait-k", wait_k=2))
     st = policy.init_state()
