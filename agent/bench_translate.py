@@ -501,9 +501,7 @@ def markdown(results: list[dict], meta: dict) -> str:
             else:  # (its latencies leave compute out: no target applies to them)
                 label, tail = "streaming every step", "(quality alone, no compute charged)"
             lines.append(f"* {res['source']}->{res['target']}: {label}/offline BLEU = {'; '.join(ratios)} {tail}")
-    for res in results:
-        if not meta.get("monologue"):
-            break
+    for res in results if meta.get("monologue") else []:
         heard = [f"{SYSTEMS[k]}: VAD heard {v['utterances']} utterance(s), the longest wait between emissions "
                  f"{_fmt(v['longest_wait_s']['p50'] if v['longest_wait_s'] else None)} s"
                  for k, v in res["systems"].items() if "utterances" in v]

@@ -153,7 +153,7 @@ class SimultaneousPolicy:
             self._new_utterance(state, f.utterance)
         words = f.text.split()
         out: list[Segment] = []
-        skipped = self._skip_overlap(state, words) if not state.emitted else 0
+        skipped = self._skip_overlap(state, words)
         done = skipped or _covered(state.stable[: state.emitted], words)
         rest = words[done:]
         end = f.words[-1].end if f.words else f.pts

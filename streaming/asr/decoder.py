@@ -9,7 +9,6 @@ encoder pass (``Decoder.cross_cache``).
 from __future__ import annotations
 
 import zlib
-
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
