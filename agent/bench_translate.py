@@ -535,7 +535,7 @@ def run_bench_translate(args, cfg) -> int:
     if args.target != "en" and any(s != "cascade" for s in systems):  # all but the cascade are Whisper's translate
         raise DuplexError("Whisper translates into English only: use --target en, or --systems cascade")
     resolver = models.resolver_for(cfg.models.cache_dir)
-    bundle = resolver.whisper(args.model, cfg.models.asr_precision)
+    bundle = resolver.whisper(args.model, cfg.models.asr_precision, translating=True)
     if not bundle.multilingual:
         raise DuplexError(f"{args.model} is English-only; translation needs a multilingual model (whisper:base)")
     fw_models = {name: faster_whisper(models.ct2_folder(args.model, resolver.cache), kind)
@@ -547,7 +547,9 @@ def run_bench_translate(args, cfg) -> int:
         for s, rows in data.items():
             results.append(bench_language(s, args.target, rows, bundle, fw_models, cfg.asr, cfg.vad,
                                           cfg.translate.policy_config(), systems, bar.update, leads, args.monologue))
-    meta = {"model": args.model, "precision": cfg.models.asr_precision, "policy": cfg.translate.policy,
+    asked = cfg.models.asr_precision  # "auto" says what it resolved to
+    precision = asked if asked == bundle.precision else f"{asked}: {bundle.precision}"
+    meta = {"model": args.model, "precision": precision, "policy": cfg.translate.policy,
             "limit": args.limit, "systems": systems, "beam": cfg.asr.offline_beam_size, "lead_ms": list(leads),
             "monologue": args.monologue}
     report = markdown(results, meta)

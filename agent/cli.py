@@ -413,7 +413,7 @@ def cmd_transcribe(args: argparse.Namespace, cfg: DuplexConfig) -> int:
         open_audio(f).close()
     asr = transcribe.asr_config(cfg, args.language, args.task, _read_hotwords(args))
     resolver = models.resolver_for(cfg.models.cache_dir)
-    bundle = resolver.whisper(args.model or cfg.models.asr, cfg.models.asr_precision)
+    bundle = resolver.whisper(args.model or cfg.models.asr, cfg.models.asr_precision, translating=asr.task == "translate")
     if asr.task == "translate" and not bundle.multilingual:
         raise DuplexError(f"{args.model or cfg.models.asr} is English-only and cannot translate; use --model whisper:base")
     if bundle.multilingual and asr.language not in ("auto", *bundle.tokenizer.languages):

@@ -62,7 +62,8 @@ class ModelsConfig:
     #: speech recogniser: whisper:tiny.en, whisper:base, or a hub id
     asr: str = "whisper:tiny.en"
     #: numeric precision of Whisper on the CPU, for transcription and translation: auto (bf16 where
-    #: the CPU multiplies bf16 quickest, AMX; else int8-tok), bf16 (bf16 encoder, int8-weight decoder
+    #: the CPU multiplies bf16 quickest, AMX, and for translation wherever it multiplies bf16 in
+    #: hardware, AVX-512 BF16 too; else int8-tok), bf16 (bf16 encoder, int8-weight decoder
     #: with a bf16 copy for prefills), int8-tok (token-scaled int8 encoder, int8-weight bf16
     #: decoder), int8-row (per-row weight scales and an int8 output projection), int8 (dynamic
     #: quantisation) or fp32

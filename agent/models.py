@@ -207,11 +207,13 @@ class ModelResolver:
 
     # -- loaders -----------------------------------------------------------------------------
 
-    def whisper(self, name: str, precision: str = "fp32"):
+    def whisper(self, name: str, precision: str = "fp32", *, translating: bool = False):
+        """Whisper ``name`` in ``precision``; ``translating``: for Whisper's translate task, which
+        "auto" runs in bf16 wherever the CPU multiplies bf16 in hardware (see ``load_folder``)."""
         from streaming.models.whisper_load import load_folder
 
         r = self.resolve_folder(name)
-        bundle = load_folder(r.folder, f"{r.name} from {r.detail}", precision)
+        bundle = load_folder(r.folder, f"{r.name} from {r.detail}", precision, translating=translating)
         log.info("Whisper %s: %s", name, bundle.source)
         return bundle
 

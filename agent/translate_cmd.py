@@ -170,7 +170,7 @@ def run_translate(args, cfg: DuplexConfig) -> int:
     source = args.source or tcfg.source
     resolver = models.resolver_for(cfg.models.cache_dir)
     name = model_name(cfg, args.model)
-    bundle = resolver.whisper(name, cfg.models.asr_precision)
+    bundle = resolver.whisper(name, cfg.models.asr_precision, translating=True)
     if bundle.multilingual and source not in ("auto", *bundle.tokenizer.languages):
         raise DuplexError(f"unknown source language {source!r}")
     if not bundle.multilingual and source not in ("en", "auto"):

@@ -301,6 +301,34 @@ def test_auto_precision_takes_bf16_where_the_cpu_multiplies_it_quickest(resolver
     assert jiwer.wer(" ".join(words(ref)), " ".join(words(got))) <= 0.05, (ref, got)
 
 
+def test_auto_precision_translates_in_bf16_where_the_cpu_has_it_without_amx(resolver, monkeypatch):
+    """Where bf16 products run in hardware but int8 ones are quicker (AVX-512 BF16 without AMX),
+    "auto" translates in bf16 (int8-tok's translations loop: es->en 21.6 against 23.8 BLEU
+    streamed) and transcribes in int8-tok (bf16 there: no better WER, a later final)."""
+    from streaming.models import whisper_load
+
+    monkeypatch.setattr(whisper_load, "bf16_fast", lambda: False)
+    monkeypatch.setattr(whisper_load, "bf16_native", lambda: True)
+    assert resolver.whisper("whisper:base", "auto", translating=True).precision == "bf16"
+    assert resolver.whisper("whisper:base", "auto").precision == "int8-tok"
+    assert resolver.whisper("whisper:base", "int8-tok", translating=True).precision == "int8-tok"
+    monkeypatch.setattr(whisper_load, "bf16_native", lambda: False)
+    assert resolver.whisper("whisper:base", "auto", translating=True).precision == "int8-tok"
+
+
+@pytest.mark.parametrize("bf16_s, fp32_s, native", [
+    (0.0084, 0.0276, True),  # Xeon with AMX
+    (0.0155, 0.0361, True),  # Zen 4 EPYC: AVX-512 BF16, no AMX
+    (0.0500, 0.0361, False),  # emulated: slower than float32
+    (0.0300, 0.0361, False),  # converted to float32 on the fly: barely quicker
+], ids=["amx", "avx512-bf16", "emulated", "converted"])
+def test_bf16_counts_as_native_only_well_below_float32s_time(monkeypatch, bf16_s, fp32_s, native):
+    from streaming.models import quantize
+
+    monkeypatch.setattr(quantize, "_quickest", lambda *fns: [bf16_s, fp32_s])
+    assert quantize.bf16_native.__wrapped__() is native
+
+
 @pytest.mark.parametrize("int_mm_quick", [None, False], ids=["this-cpu", "no-quick-int8"])
 def test_int8_tok_whisper_transcribes_like_fp32(resolver, base, monkeypatch, int_mm_quick):
     """models.asr_precision = "int8-tok" (token-scaled int8 encoder, int8-weight bf16 decoder),
