@@ -325,7 +325,7 @@ def test_auto_precision_translates_in_bf16_where_the_cpu_has_it_without_amx(reso
 def test_bf16_counts_as_native_only_well_below_float32s_time(monkeypatch, bf16_s, fp32_s, native):
     from streaming.models import quantize
 
-    monkeypatch.setattr(quantize, "_quickest", lambda *fns: [bf16_s, fp32_s])
+    monkeypatch.setattr(quantize, "_bf16_timings", lambda: (bf16_s, fp32_s, None))
     assert quantize.bf16_native.__wrapped__() is native
 
 

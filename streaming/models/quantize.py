@@ -231,22 +231,27 @@ def token_int8_fast() -> bool:
 
 
 @functools.cache
-def bf16_fast() -> bool:
-    """Does this CPU multiply bf16 matrices quicker than int8 ones (``torch._int_mm``, where that
-    is quick) and float32 ones? Where it has AMX tiles (Intel Xeon since Sapphire Rapids) a
-    Whisper-encoder-sized product (1,500 x 512 x 2,048) takes 8.4 ms in bf16 against 13.7 ms in
-    int8 and 27.6 ms in float32; without bf16 instructions torch emulates bf16 and it is the
-    slowest. Measured once per process (about 0.4 s with the int8 probe), on the shape of a 30 s
-    window's first feed-forward product in Whisper base, best of five (the margins there are
-    wide: small products of a few hundred rows come out even)."""
+def _bf16_timings() -> tuple[float, float, float | None]:
+    """The quickest of five bf16, float32 and int8 (``torch._int_mm``, where that is quick; else
+    None) products of one Whisper-encoder-sized shape (1,500 x 512 x 2,048, a 30 s window's first
+    feed-forward product in base), s; the margins there are wide, and small products of a few
+    hundred rows come out even. Measured once per process, about 0.4 s."""
     a, b = torch.randn(1500, 512), torch.randn(512, 2048)
     ab, bb = a.to(torch.bfloat16), b.to(torch.bfloat16)
-    rivals = [lambda: a @ b]
-    if token_int8_fast():
-        qa, qb = a.clamp(-100, 100).to(torch.int8), b.clamp(-100, 100).to(torch.int8)
-        rivals.append(lambda: torch._int_mm(qa, qb))
-    bf16, *others = _quickest(lambda: ab @ bb, *rivals)
-    return bf16 < min(others)
+    if not token_int8_fast():
+        return (*_quickest(lambda: ab @ bb, lambda: a @ b), None)
+    qa, qb = a.clamp(-100, 100).to(torch.int8), b.clamp(-100, 100).to(torch.int8)
+    return tuple(_quickest(lambda: ab @ bb, lambda: a @ b, lambda: torch._int_mm(qa, qb)))
+
+
+@functools.cache
+def bf16_fast() -> bool:
+    """Does this CPU multiply bf16 matrices quicker than int8 ones (where that is quick) and
+    float32 ones? Where it has AMX tiles (Intel Xeon since Sapphire Rapids) the product of
+    ``_bf16_timings`` takes 8.4 ms in bf16 against 13.7 ms in int8 and 27.6 ms in float32; without
+    bf16 instructions torch emulates bf16 and it is the slowest."""
+    bf16, fp32, int8 = _bf16_timings()
+    return bf16 < min(fp32, int8 if int8 is not None else fp32)
 
 
 #: a bf16 product this much quicker than float32's, or more, runs in hardware (emulated bf16 is
@@ -257,13 +262,11 @@ BF16_NATIVE_SHARE = 0.6
 @functools.cache
 def bf16_native() -> bool:
     """Does this CPU multiply bf16 matrices in hardware, if not always quickest? On a Zen 4 AMD
-    EPYC with AVX-512 BF16 and VNNI but no AMX, the product of ``bf16_fast`` takes 15.5 ms in
+    EPYC with AVX-512 BF16 and VNNI but no AMX, the product of ``_bf16_timings`` takes 15.5 ms in
     bf16 against 7.9 ms in int8 and 36.1 ms in float32; without bf16 instructions torch emulates
     bf16 and it is slower than float32. Where it is native, bf16 is the precision to translate in
-    (``load_folder``'s ``translating``). Measured once per process (about 0.3 s), best of five."""
-    a, b = torch.randn(1500, 512), torch.randn(512, 2048)
-    ab, bb = a.to(torch.bfloat16), b.to(torch.bfloat16)
-    bf16, fp32 = _quickest(lambda: ab @ bb, lambda: a @ b)
+    (``load_folder``'s ``translating``). The same timings as ``bf16_fast``, taken once."""
+    bf16, fp32, _ = _bf16_timings()
     return bf16 <= BF16_NATIVE_SHARE * fp32
 
 

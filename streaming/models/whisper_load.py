@@ -109,10 +109,10 @@ def load_folder(folder: Path, source: str, precision: str = "fp32", *, translati
         # 0.048) and its final comes later (412 against 335 ms p50), so it keeps int8-tok
         precision = "bf16" if bf16_fast() or (translating and bf16_native()) else "int8-tok"
     if precision == "bf16":
-        # the encoder and the cross-attention keys and values in bf16 (AMX): quicker than token
-        # int8 where the CPU multiplies bf16 in hardware, and closer to float32 (encoder output
-        # within 0.9 % against 4.7 %); the decoder as in int8-tok, int8 weights for its one-row
-        # steps, with a bf16 copy for prefills and beams (BF16_FROM_ROWS)
+        # the encoder and the cross-attention keys and values in bf16 (AMX, AVX-512 BF16): quicker
+        # than token int8 with AMX, and closer to float32 (encoder output within 0.9 % against
+        # 4.7 %); the decoder as in int8-tok, int8 weights for its one-row steps, with a bf16 copy
+        # for prefills and beams (BF16_FROM_ROWS)
         fused = fuse_cross_kv(model.decoder)
         quantize_bf16(model.model.encoder)
         quantize_weight_int8(model.model.decoder, bf16_prefill=True)
